@@ -1,0 +1,383 @@
+//! The admin service: every admin operation, once. Each one that changes something is audited
+//! and bumps the store's change version in the same transaction, so a running site notices it
+//! within seconds (see [`crate::watch_revocations`]) whichever process made it.
+
+use std::fmt;
+use std::str::FromStr;
+
+use cmg_pki::{KeyAlgorithm, Role};
+use cmg_store::{AuditEntry, BulkTokenRecord, CertPurpose, CertStatus, CertificateRecord};
+use cmg_token::Token;
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::init::certificate_record;
+use crate::site::active_signer;
+use crate::{DataDir, Site, SiteError, unix_now};
+
+/// A bulk registration token lifetime in minutes: an integer from 1 to 10,080 (DESIGN §2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BulkTokenLifetime(u32);
+
+impl BulkTokenLifetime {
+    pub const DEFAULT: BulkTokenLifetime = BulkTokenLifetime(4320);
+    pub const MAX_MINUTES: u32 = 10_080;
+
+    pub fn minutes(self) -> u32 {
+        self.0
+    }
+}
+
+impl Default for BulkTokenLifetime {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+impl FromStr for BulkTokenLifetime {
+    type Err = SiteError;
+
+    fn from_str(s: &str) -> Result<Self, SiteError> {
+        let shown = || SiteError::BadLifetime(s.chars().take(40).collect());
+        // Digits only: no sign, no decimals, no spaces.
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(shown());
+        }
+        match s.parse::<u32>() {
+            Ok(m) if (1..=Self::MAX_MINUTES).contains(&m) => Ok(BulkTokenLifetime(m)),
+            _ => Err(shown()),
+        }
+    }
+}
+
+/// A freshly minted bulk registration token. The token is shown once and never stored.
+#[derive(Debug)]
+pub struct NewBulkToken {
+    pub record: BulkTokenRecord,
+    pub token: Token,
+}
+
+/// What a line of the certificate and token inventory is (the console's Security >
+/// Certificates view; `cmg bulk-token list`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum InventoryKind {
+    BulkRegistrationToken,
+    SiteIssuingRoot,
+    TokenSigning,
+    ManagementPoint,
+    ConnectionPoint,
+}
+
+impl InventoryKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InventoryKind::BulkRegistrationToken => "Bulk Registration Token",
+            InventoryKind::SiteIssuingRoot => "Site Issuing Root",
+            InventoryKind::TokenSigning => "Token Signing",
+            InventoryKind::ManagementPoint => "Management Point",
+            InventoryKind::ConnectionPoint => "Connection Point",
+        }
+    }
+}
+
+impl fmt::Display for InventoryKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for InventoryKind {
+    type Err = String;
+
+    /// Accepts the displayed name in any case, with or without spaces, or a short form.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let key: String = s.chars().filter(|c| c.is_ascii_alphanumeric()).collect();
+        let key = key.to_ascii_lowercase();
+        ALL_KINDS
+            .into_iter()
+            .find(|k| {
+                let name: String = k.as_str().chars().filter(|c| *c != ' ').collect();
+                name.eq_ignore_ascii_case(&key) || short_kind(*k) == key
+            })
+            .ok_or_else(|| format!("unknown type '{s}': use bulk, root, signing, mp or connector"))
+    }
+}
+
+const ALL_KINDS: [InventoryKind; 5] = [
+    InventoryKind::BulkRegistrationToken,
+    InventoryKind::SiteIssuingRoot,
+    InventoryKind::TokenSigning,
+    InventoryKind::ManagementPoint,
+    InventoryKind::ConnectionPoint,
+];
+
+fn short_kind(k: InventoryKind) -> &'static str {
+    match k {
+        InventoryKind::BulkRegistrationToken => "bulk",
+        InventoryKind::SiteIssuingRoot => "root",
+        InventoryKind::TokenSigning => "signing",
+        InventoryKind::ManagementPoint => "mp",
+        InventoryKind::ConnectionPoint => "connector",
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ItemStatus {
+    Active,
+    Expired,
+    Blocked,
+    Retired,
+}
+
+impl ItemStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ItemStatus::Active => "Active",
+            ItemStatus::Expired => "Expired",
+            ItemStatus::Blocked => "Blocked",
+            ItemStatus::Retired => "Retired",
+        }
+    }
+}
+
+/// One site certificate or bulk registration token, as admins see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InventoryItem {
+    pub kind: InventoryKind,
+    /// The tracking GUID of a bulk token; the SHA-256 thumbprint of a certificate.
+    pub id: String,
+    pub valid_from: i64,
+    pub valid_until: i64,
+    pub status: ItemStatus,
+    /// Who created a bulk token; the subject of a certificate.
+    pub detail: String,
+}
+
+/// The admin service of one site, acting for one admin (`actor`, recorded in the audit log).
+#[derive(Debug)]
+pub struct AdminService {
+    site: Site,
+    actor: String,
+}
+
+/// How long a retiring token signing key keeps verifying: the longest client token validity
+/// plus the clock leeway, so no token it signed is cut short (DESIGN §3.1).
+const RETIRE_GRACE_SECS: i64 = 90 * 86_400 + cmg_token::LEEWAY_SECS;
+
+impl AdminService {
+    pub async fn open(data: DataDir, actor: impl Into<String>) -> Result<Self, SiteError> {
+        Ok(AdminService {
+            site: Site::open(data).await?,
+            actor: actor.into(),
+        })
+    }
+
+    pub fn site(&self) -> &Site {
+        &self.site
+    }
+
+    /// Mints a bulk registration token valid from now for `lifetime`; records only its GUID,
+    /// validity and creator (never the token) before handing it out.
+    pub async fn new_bulk_token(
+        &self,
+        lifetime: BulkTokenLifetime,
+    ) -> Result<NewBulkToken, SiteError> {
+        let id = Uuid::new_v4();
+        let now = unix_now();
+        let (token, claims) = self.site.issuer().mint_bulk(
+            &id.to_string(),
+            now,
+            i64::from(lifetime.minutes()) * 60,
+        )?;
+        let record = BulkTokenRecord {
+            id,
+            valid_from: claims.nbf,
+            valid_until: claims.exp,
+            created_at: now,
+            created_by: self.actor.clone(),
+            blocked: false,
+        };
+        self.site.store().record_bulk_token(&record).await?;
+        Ok(NewBulkToken { record, token })
+    }
+
+    pub async fn block_bulk_token(&self, guid: &str) -> Result<BulkTokenRecord, SiteError> {
+        self.set_blocked(guid, true).await
+    }
+
+    pub async fn unblock_bulk_token(&self, guid: &str) -> Result<BulkTokenRecord, SiteError> {
+        self.set_blocked(guid, false).await
+    }
+
+    async fn set_blocked(&self, guid: &str, blocked: bool) -> Result<BulkTokenRecord, SiteError> {
+        let id = parse_guid(guid)?;
+        Ok(self
+            .site
+            .store()
+            .set_bulk_token_blocked(id, blocked, &self.actor)
+            .await?)
+    }
+
+    /// Every site certificate and bulk registration token, sorted by type then validity.
+    pub async fn inventory(&self, now: i64) -> Result<Vec<InventoryItem>, SiteError> {
+        let store = self.site.store();
+        let tokens = store
+            .bulk_tokens()
+            .await?
+            .into_iter()
+            .map(|t| InventoryItem {
+                kind: InventoryKind::BulkRegistrationToken,
+                id: t.id.to_string(),
+                valid_from: t.valid_from,
+                valid_until: t.valid_until,
+                status: if t.blocked {
+                    ItemStatus::Blocked
+                } else if now >= t.valid_until {
+                    ItemStatus::Expired
+                } else {
+                    ItemStatus::Active
+                },
+                detail: t.created_by,
+            });
+        let certs = store
+            .certificates()
+            .await?
+            .into_iter()
+            .map(|c| InventoryItem {
+                kind: match c.purpose {
+                    CertPurpose::SiteIssuingRoot => InventoryKind::SiteIssuingRoot,
+                    CertPurpose::TokenSigning => InventoryKind::TokenSigning,
+                    CertPurpose::ManagementPoint => InventoryKind::ManagementPoint,
+                    CertPurpose::ConnectionPoint => InventoryKind::ConnectionPoint,
+                },
+                status: if c.status == CertStatus::Retired
+                    || c.retire_after.is_some_and(|t| t <= now)
+                {
+                    ItemStatus::Retired
+                } else if now >= c.not_after {
+                    ItemStatus::Expired
+                } else {
+                    ItemStatus::Active
+                },
+                id: c.thumbprint_sha256,
+                valid_from: c.not_before,
+                valid_until: c.not_after,
+                detail: c.subject,
+            });
+        let mut items: Vec<InventoryItem> = tokens.chain(certs).collect();
+        items.sort_by(|a, b| (a.kind, a.valid_from, &a.id).cmp(&(b.kind, b.valid_from, &b.id)));
+        Ok(items)
+    }
+
+    /// Adds a new token signing certificate that signs from now on; the previous one keeps
+    /// verifying until every token it signed has expired, then retires by itself.
+    pub async fn rotate_token_signing_key(
+        &self,
+        alg: KeyAlgorithm,
+    ) -> Result<CertificateRecord, SiteError> {
+        let store = self.site.store();
+        let code = &self.site.record().site_code;
+        let cred = self
+            .site
+            .authority()?
+            .issue(code, &Role::TokenSigning, alg)?;
+        let now = unix_now();
+        let record = certificate_record(&cred, CertPurpose::TokenSigning, alg, now)?;
+        let (crt, key) = self
+            .site
+            .data()
+            .credential(&DataDir::token_signing_name(&record.thumbprint_sha256));
+        cmg_pki::write_private_file(&key, cred.key_pem().as_bytes())?;
+        std::fs::write(&crt, cred.cert_pem()).map_err(SiteError::io("write", &crt))?;
+        let previous = store.certificates().await?;
+        store.add_certificate(&record, &self.actor).await?;
+        for old in previous
+            .iter()
+            .filter(|c| c.purpose == CertPurpose::TokenSigning && c.retire_after.is_none())
+        {
+            store
+                .set_certificate_retire_after(
+                    &old.thumbprint_sha256,
+                    Some(now + RETIRE_GRACE_SECS),
+                    &self.actor,
+                )
+                .await?;
+        }
+        Ok(record)
+    }
+
+    /// Stops publishing a token signing certificate at once (e.g. its key leaked). Tokens it
+    /// signed stop verifying. The certificate that signs new tokens cannot be retired.
+    pub async fn retire_token_signing_key(&self, kid: &str) -> Result<(), SiteError> {
+        let store = self.site.store();
+        let certificates = store.certificates().await?;
+        let cert = certificates
+            .iter()
+            .find(|c| c.purpose == CertPurpose::TokenSigning && c.thumbprint_sha256 == kid)
+            .ok_or_else(|| SiteError::UnknownSigningKey(kid.chars().take(60).collect()))?;
+        if active_signer(&certificates)
+            .is_some_and(|a| a.thumbprint_sha256 == cert.thumbprint_sha256)
+        {
+            return Err(SiteError::RetireActiveSigner(
+                cert.thumbprint_sha256.clone(),
+            ));
+        }
+        Ok(store
+            .set_certificate_status(&cert.thumbprint_sha256, CertStatus::Retired, &self.actor)
+            .await?)
+    }
+
+    /// The JWKS document of every published verification key.
+    pub async fn jwks(&self) -> Result<Value, SiteError> {
+        Ok(self.site.verifier(unix_now()).await?.jwks())
+    }
+
+    pub async fn audit_log(&self, limit: u32) -> Result<Vec<AuditEntry>, SiteError> {
+        Ok(self.site.store().audit_log(limit).await?)
+    }
+}
+
+fn parse_guid(s: &str) -> Result<Uuid, SiteError> {
+    let trimmed = s.trim().trim_start_matches('{').trim_end_matches('}');
+    Uuid::parse_str(trimmed).map_err(|_| SiteError::BadGuid(s.chars().take(60).collect()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lifetime_accepts_1_to_10080_whole_minutes_only() {
+        assert_eq!("1".parse::<BulkTokenLifetime>().unwrap().minutes(), 1);
+        assert_eq!(
+            "10080".parse::<BulkTokenLifetime>().unwrap().minutes(),
+            10080
+        );
+        assert_eq!(BulkTokenLifetime::default().minutes(), 4320);
+        for bad in [
+            "0",
+            "10081",
+            "-5",
+            "abc",
+            "1.5",
+            "",
+            " 5",
+            "+5",
+            "99999999999999999999",
+        ] {
+            let err = bad.parse::<BulkTokenLifetime>().unwrap_err();
+            assert!(err.to_string().contains("from 1 to 10080"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn inventory_kinds_parse_from_names_and_short_forms() {
+        assert_eq!("bulk".parse(), Ok(InventoryKind::BulkRegistrationToken));
+        assert_eq!(
+            "Bulk Registration Token".parse(),
+            Ok(InventoryKind::BulkRegistrationToken)
+        );
+        assert_eq!("token-signing".parse(), Ok(InventoryKind::TokenSigning));
+        assert!("nonsense".parse::<InventoryKind>().is_err());
+    }
+}

@@ -1,0 +1,60 @@
+use std::path::PathBuf;
+
+/// What went wrong in a site operation, worded for the admin: what happened and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum SiteError {
+    #[error("'{0}' is not a valid site code: it must be exactly three letters or digits, e.g. ABC")]
+    BadSiteCode(String),
+    #[error(
+        "a site already exists in {0}; a site is created once — use it, or choose another --data directory"
+    )]
+    AlreadyInitialised(PathBuf),
+    #[error(
+        "there is no site in {0}; create one with `cmg site init --site-code ABC --data {0}` or point --data (or CMG_DATA) at an existing site"
+    )]
+    NotInitialised(PathBuf),
+    #[error("cannot read the site configuration {path}: {reason}")]
+    Config { path: PathBuf, reason: String },
+    #[error("cannot {action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "the lifetime '{0}' is not allowed: give a whole number of minutes from 1 to 10080 (7 days); the default is 4320 (3 days)"
+    )]
+    BadLifetime(String),
+    #[error("'{0}' is not a GUID; copy the GUID exactly as `cmg bulk-token list` shows it")]
+    BadGuid(String),
+    #[error("the site database and the site's files disagree: {0}")]
+    Inconsistent(String),
+    #[error("no token signing certificate {0} on this site; `cmg bulk-token list` shows them")]
+    UnknownSigningKey(String),
+    #[error(
+        "{0} is the certificate that signs new tokens; rotate to a new one first (`cmg site token-key rotate`)"
+    )]
+    RetireActiveSigner(String),
+    #[error(transparent)]
+    Pki(#[from] cmg_pki::PkiError),
+    #[error(transparent)]
+    Key(#[from] cmg_token::KeyError),
+    #[error(transparent)]
+    Mint(#[from] cmg_token::MintError),
+    #[error(transparent)]
+    Store(#[from] cmg_store::StoreError),
+}
+
+impl SiteError {
+    pub(crate) fn io(
+        action: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| SiteError::Io {
+            action,
+            path,
+            source,
+        }
+    }
+}

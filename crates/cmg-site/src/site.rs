@@ -1,0 +1,123 @@
+//! An initialised site, opened: its configuration, database and token keys, each parsed once.
+
+use cmg_pki::SiteAuthority;
+use cmg_store::{CertPurpose, CertStatus, CertificateRecord, SiteRecord, Store};
+use cmg_token::{SigningKey, TokenIssuer, TokenVerifier, VerificationKey};
+
+use crate::layout::SITE_ROOT;
+use crate::{DataDir, SiteConfig, SiteError, unix_now};
+
+/// A site as the admin service and the roles use it.
+#[derive(Debug)]
+pub struct Site {
+    data: DataDir,
+    record: SiteRecord,
+    store: Store,
+    issuer: TokenIssuer,
+}
+
+impl Site {
+    /// Opens the site in `data`, on the database its `site.toml` names.
+    pub async fn open(data: DataDir) -> Result<Site, SiteError> {
+        let config = SiteConfig::load(&data)?;
+        let store = Store::open(&config.db).await?;
+        let record = store.site().await?.ok_or_else(|| {
+            SiteError::Inconsistent(format!(
+                "{} names a database that holds no site; was it emptied or replaced?",
+                data.config_file().display()
+            ))
+        })?;
+        if record.hierarchy_id != config.hierarchy_id {
+            return Err(SiteError::Inconsistent(format!(
+                "{} belongs to hierarchy {}, the database to {}",
+                data.config_file().display(),
+                config.hierarchy_id,
+                record.hierarchy_id
+            )));
+        }
+        let certificates = store.certificates().await?;
+        let issuer = load_issuer(&data, &record, &certificates)?;
+        Ok(Site {
+            data,
+            record,
+            store,
+            issuer,
+        })
+    }
+
+    pub fn data(&self) -> &DataDir {
+        &self.data
+    }
+    pub fn record(&self) -> &SiteRecord {
+        &self.record
+    }
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+    /// Mints with the current signing key.
+    pub fn issuer(&self) -> &TokenIssuer {
+        &self.issuer
+    }
+
+    /// A verifier over every token signing key still published at `now` (DESIGN §3.1 rotation).
+    pub async fn verifier(&self, now: i64) -> Result<TokenVerifier, SiteError> {
+        let certificates = self.store.certificates().await?;
+        let keys = published_signing_certificates(&certificates, now)
+            .map(|c| VerificationKey::from_certificate(&c.cert_der))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(TokenVerifier::new(
+            &self.record.hierarchy_id.to_string(),
+            keys,
+        ))
+    }
+
+    pub(crate) fn authority(&self) -> Result<SiteAuthority, SiteError> {
+        let (crt, key) = self.data.credential(SITE_ROOT);
+        let read = |p: &std::path::Path| {
+            std::fs::read_to_string(p).map_err(SiteError::io("read", p.to_owned()))
+        };
+        Ok(SiteAuthority::load(&read(&crt)?, &read(&key)?)?)
+    }
+
+    pub async fn close(&self) {
+        self.store.close().await;
+    }
+}
+
+/// Token signing certificates that verify at `now`: active and not past their retirement.
+pub(crate) fn published_signing_certificates(
+    certificates: &[CertificateRecord],
+    now: i64,
+) -> impl Iterator<Item = &CertificateRecord> {
+    certificates.iter().filter(move |c| {
+        c.purpose == CertPurpose::TokenSigning
+            && c.status == CertStatus::Active
+            && c.retire_after.is_none_or(|t| t > now)
+    })
+}
+
+/// The certificate that signs new tokens: the newest published one not scheduled to retire.
+pub(crate) fn active_signer(certificates: &[CertificateRecord]) -> Option<&CertificateRecord> {
+    published_signing_certificates(certificates, unix_now())
+        .filter(|c| c.retire_after.is_none())
+        .max_by_key(|c| (c.created_at, c.not_before))
+}
+
+fn load_issuer(
+    data: &DataDir,
+    record: &SiteRecord,
+    certificates: &[CertificateRecord],
+) -> Result<TokenIssuer, SiteError> {
+    let cert = active_signer(certificates).ok_or_else(|| {
+        SiteError::Inconsistent("the database lists no active token signing certificate".into())
+    })?;
+    let (_, key_path) = data.credential(&DataDir::token_signing_name(&cert.thumbprint_sha256));
+    let pem = std::fs::read_to_string(&key_path).map_err(SiteError::io("read", &key_path))?;
+    let pkcs8 = cmg_pki::key_pem_to_pkcs8(&pem, &key_path.display().to_string())?;
+    let key = SigningKey::new(&cert.cert_der, &pkcs8)?;
+    Ok(TokenIssuer::new(
+        key,
+        &record.hierarchy_id.to_string(),
+        &record.site_code,
+    ))
+}

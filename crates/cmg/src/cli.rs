@@ -1,0 +1,145 @@
+//! The command line. Every command and flag has help text (`cmg help <command>`).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use cmg_site::{BulkTokenLifetime, InventoryKind, KeyAlgorithm, SiteCode};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cmg",
+    version,
+    about = "Cloud management gateway with token-based device authentication",
+    long_about = "cmg lets an organisation manage devices on the internet through a gateway, with \
+                  devices authenticated by PKI certificates or site-issued tokens."
+)]
+pub struct Cli {
+    /// The site's data directory (keys, certificates, site.toml, embedded database, logs).
+    #[arg(
+        long,
+        global = true,
+        env = "CMG_DATA",
+        default_value = "./cmg-data",
+        value_name = "DIR"
+    )]
+    pub data: PathBuf,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create and inspect the site: keys, certificates, database.
+    #[command(subcommand)]
+    Site(SiteCommand),
+    /// Bulk registration tokens for devices that never touch the internal network.
+    /// Also accepts the tool's own syntax: `cmg bulk-token /new [/lifetime MIN]`, `/?`.
+    #[command(subcommand)]
+    BulkToken(BulkTokenCommand),
+    /// Site administration.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SiteCommand {
+    /// Create a new site: site issuing root, token signing, management point and connection
+    /// point certificates, the hierarchy ID and the database.
+    Init(InitArgs),
+    /// Print the site's token verification keys as a JWKS document.
+    Jwks,
+    /// Rotate or retire the token signing certificate.
+    #[command(subcommand)]
+    TokenKey(TokenKeyCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// The site code: exactly three letters or digits.
+    #[arg(long, value_name = "CODE", value_parser = parse_site_code)]
+    pub site_code: SiteCode,
+    /// Key type of the token signing certificate: ecdsa-p256 (ES256 tokens) or rsa-2048 (RS256).
+    #[arg(long, value_name = "ALG", default_value = "ecdsa-p256", value_parser = parse_key_alg)]
+    pub token_key: KeyAlgorithm,
+    /// Site database URL: sqlite://PATH or postgres://USER@HOST/DB. Default: the embedded
+    /// SQLite database in the data directory.
+    #[arg(long, value_name = "URL")]
+    pub db: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenKeyCommand {
+    /// Add a new token signing certificate that signs from now on. The old one keeps verifying
+    /// until every token it signed has expired (90 days), then retires by itself.
+    Rotate {
+        /// Key type of the new certificate.
+        #[arg(long, value_name = "ALG", default_value = "ecdsa-p256", value_parser = parse_key_alg)]
+        token_key: KeyAlgorithm,
+    },
+    /// Stop publishing a previous token signing certificate now; tokens it signed stop working.
+    Retire {
+        /// Its SHA-256 thumbprint, as `cmg bulk-token list` shows it.
+        kid: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BulkTokenCommand {
+    /// Create a bulk registration token (`/new`). Prints its GUID, its expiry and the token.
+    /// The token is not stored anywhere: copy it now.
+    New {
+        /// Validity in whole minutes, 1–10080 (7 days). Default 4320 (3 days). (`/lifetime`)
+        #[arg(long, value_name = "MIN", default_value = "4320", allow_hyphen_values = true,
+              value_parser = parse_lifetime)]
+        lifetime: BulkTokenLifetime,
+    },
+    /// List the site's certificates and bulk registration tokens with their status.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Show one type only: bulk, root, signing, mp or connector.
+        #[arg(long = "type", value_name = "TYPE", value_parser = parse_kind)]
+        kind: Option<InventoryKind>,
+    },
+    /// Block a bulk registration token: devices can no longer register with it.
+    Block {
+        /// The token's GUID, as `new` printed it and `list` shows it.
+        guid: String,
+    },
+    /// Unblock a bulk registration token.
+    Unblock {
+        /// The token's GUID.
+        guid: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Show who changed what on the site, newest first.
+    Audit {
+        /// How many entries.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_site_code(s: &str) -> Result<SiteCode, String> {
+    s.parse().map_err(|e: cmg_site::SiteError| e.to_string())
+}
+
+fn parse_key_alg(s: &str) -> Result<KeyAlgorithm, String> {
+    s.parse()
+}
+
+fn parse_lifetime(s: &str) -> Result<BulkTokenLifetime, String> {
+    s.parse().map_err(|e: cmg_site::SiteError| e.to_string())
+}
+
+fn parse_kind(s: &str) -> Result<InventoryKind, String> {
+    s.parse()
+}
