@@ -1,10 +1,10 @@
 //! `cmg site init`: everything in DESIGN §3.1, the hierarchy GUID and the database.
 //!
 //! Order matters so that a failure leaves nothing half-made: inputs and the target are checked
-//! first; certificates and keys are made in memory; the database records the site in one
-//! transaction (refusing a database that already holds one); the key files follow; `site.toml`
-//! is written last, and only its presence means "a site lives here". A failed run removes the
-//! files it wrote, so it can simply be run again.
+//! first; certificates and keys are made in memory and written; the database then records the
+//! site in one transaction (refusing a database that already holds one); `site.toml` is written
+//! last, and only its presence means "a site lives here". A failed run removes the key and
+//! certificate files it wrote, so it can simply be run again.
 
 use std::fmt;
 use std::str::FromStr;

@@ -1,0 +1,160 @@
+//! The admin service on both store backends: changes reach a running site within seconds.
+
+use std::time::Duration;
+
+use cmg_site::{
+    AdminService, BulkTokenLifetime, DataDir, InitOptions, InventoryKind, ItemStatus, KeyAlgorithm,
+    init_site, unix_now, watch_revocations,
+};
+use cmg_store::testing::{TestStore, test_stores};
+
+async fn site_on(db: &TestStore, dir: &tempfile::TempDir) -> DataDir {
+    let data = DataDir::new(dir.path().join("data"));
+    init_site(InitOptions {
+        data: data.clone(),
+        site_code: "P01".parse().unwrap(),
+        token_key: KeyAlgorithm::EcdsaP256,
+        db: Some(db.url().to_owned()),
+        actor: "test-admin".into(),
+    })
+    .await
+    .unwrap();
+    data
+}
+
+#[tokio::test]
+async fn a_block_made_by_another_process_reaches_the_running_site_within_seconds() {
+    for db in test_stores().await {
+        let dir = tempfile::tempdir().unwrap();
+        let data = site_on(&db, &dir).await;
+        // The running site and the admin CLI each open the site on their own.
+        let running = AdminService::open(data.clone(), "site").await.unwrap();
+        let cli = AdminService::open(data, "alice").await.unwrap();
+        let created = cli
+            .new_bulk_token(BulkTokenLifetime::DEFAULT)
+            .await
+            .unwrap();
+        let guid = created.record.id.to_string();
+
+        let (mut rx, task) =
+            watch_revocations(running.site().store().clone(), Duration::from_millis(200))
+                .await
+                .unwrap();
+        assert!(!rx.borrow().bulk_tokens.contains(&guid));
+        let verifier = running.site().verifier(unix_now()).await.unwrap();
+        let token = created.token.expose();
+        verifier
+            .verify_bulk(token, unix_now(), &rx.borrow())
+            .expect("valid before the block");
+
+        cli.block_bulk_token(&guid).await.unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            rx.wait_for(|r| r.bulk_tokens.contains(&guid)),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{}: block not seen within 5 s", db.label))
+        .unwrap();
+        let refused = verifier.verify_bulk(token, unix_now(), &rx.borrow());
+        assert!(
+            matches!(refused, Err(cmg_token::Refusal::BulkTokenBlocked(_))),
+            "{}",
+            db.label
+        );
+
+        cli.unblock_bulk_token(&format!("{{{}}}", guid.to_uppercase()))
+            .await
+            .unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            rx.wait_for(|r| !r.bulk_tokens.contains(&guid)),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{}: unblock not seen within 5 s", db.label))
+        .unwrap();
+        verifier
+            .verify_bulk(token, unix_now(), &rx.borrow())
+            .expect("valid again");
+        drop(rx);
+        task.abort();
+    }
+}
+
+#[tokio::test]
+async fn inventory_reports_expired_blocked_and_active_tokens_and_certificates() {
+    for db in test_stores().await {
+        let dir = tempfile::tempdir().unwrap();
+        let admin = AdminService::open(site_on(&db, &dir).await, "bob")
+            .await
+            .unwrap();
+        let short = admin.new_bulk_token("1".parse().unwrap()).await.unwrap();
+        let blocked = admin
+            .new_bulk_token(BulkTokenLifetime::DEFAULT)
+            .await
+            .unwrap();
+        admin
+            .block_bulk_token(&blocked.record.id.to_string())
+            .await
+            .unwrap();
+        let later = unix_now() + 61;
+        let items = admin.inventory(later).await.unwrap();
+        let status = |id: String| items.iter().find(|i| i.id == id).map(|i| i.status);
+        assert_eq!(
+            status(short.record.id.to_string()),
+            Some(ItemStatus::Expired),
+            "{}",
+            db.label
+        );
+        assert_eq!(
+            status(blocked.record.id.to_string()),
+            Some(ItemStatus::Blocked),
+            "{}",
+            db.label
+        );
+        let kinds: Vec<InventoryKind> = items.iter().map(|i| i.kind).collect();
+        let mut sorted = kinds.clone();
+        sorted.sort();
+        assert_eq!(kinds, sorted, "sorted by type");
+        for kind in [
+            InventoryKind::SiteIssuingRoot,
+            InventoryKind::TokenSigning,
+            InventoryKind::ManagementPoint,
+            InventoryKind::ConnectionPoint,
+        ] {
+            let cert = items.iter().find(|i| i.kind == kind).unwrap();
+            assert_eq!(cert.status, ItemStatus::Active, "{kind}");
+        }
+        assert!(
+            items
+                .iter()
+                .all(|i| i.kind != InventoryKind::BulkRegistrationToken || i.detail == "bob")
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_database_that_already_holds_a_site_is_refused_and_no_files_are_left() {
+    for db in test_stores().await {
+        let first = tempfile::tempdir().unwrap();
+        site_on(&db, &first).await;
+        let second = tempfile::tempdir().unwrap();
+        let data = DataDir::new(second.path().join("data"));
+        let err = init_site(InitOptions {
+            data: data.clone(),
+            site_code: "ZZZ".parse().unwrap(),
+            token_key: KeyAlgorithm::EcdsaP256,
+            db: Some(db.url().to_owned()),
+            actor: "test".into(),
+        })
+        .await
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("already holds a site"),
+            "{}: {err}",
+            db.label
+        );
+        assert!(!data.config_file().exists());
+        let leftovers: Vec<_> = std::fs::read_dir(data.pki_dir()).unwrap().collect();
+        assert!(leftovers.is_empty(), "{}: key files left behind", db.label);
+    }
+}
