@@ -9,14 +9,25 @@ use std::hint::black_box;
 const NOW: i64 = 1_800_000_000;
 
 fn tokens(c: &mut Criterion) {
-    for (name, alg) in [("ES256", KeyAlgorithm::EcdsaP256), ("RS256", KeyAlgorithm::Rsa2048)] {
+    for (name, alg) in [
+        ("ES256", KeyAlgorithm::EcdsaP256),
+        ("RS256", KeyAlgorithm::Rsa2048),
+    ] {
         let fixture = TokenFixture::new(alg);
         let mut group = c.benchmark_group(format!("token/{name}"));
         group.throughput(Throughput::Elements(1));
         group.bench_function("mint_bulk", |b| {
-            b.iter(|| fixture.issuer.mint_bulk(black_box("0b6e2b1c-3c1d-4e55-9f00-5a1f2d3c4b5a"), NOW, 259_200))
+            b.iter(|| {
+                fixture.issuer.mint_bulk(
+                    black_box("0b6e2b1c-3c1d-4e55-9f00-5a1f2d3c4b5a"),
+                    NOW,
+                    259_200,
+                )
+            })
         });
-        group.bench_function("mint_client", |b| b.iter(|| fixture.client_token(black_box(NOW))));
+        group.bench_function("mint_client", |b| {
+            b.iter(|| fixture.client_token(black_box(NOW)))
+        });
         let token = fixture.client_token(NOW);
         let revoked = Revocations::default();
         group.bench_function("verify_client", |b| {

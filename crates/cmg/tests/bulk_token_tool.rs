@@ -258,7 +258,7 @@ fn the_token_is_never_written_anywhere() {
         );
     }
     assert!(
-        site.stderr.borrow().len() > 0,
+        !site.stderr.borrow().is_empty(),
         "trace logging produced output to search"
     );
 }
