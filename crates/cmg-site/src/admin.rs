@@ -13,7 +13,10 @@ use uuid::Uuid;
 
 use crate::init::certificate_record;
 use crate::site::active_signer;
-use crate::{DataDir, Site, SiteError, unix_now};
+use crate::{DataDir, Site, SiteError, format_utc, unix_now};
+
+/// Log component (file `SMSProv.log`) of the admin service.
+pub(crate) const LOG: &str = "SMSProv";
 
 /// A bulk registration token lifetime in minutes: an integer from 1 to 10,080 (DESIGN §2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -198,6 +201,8 @@ impl AdminService {
             blocked: false,
         };
         self.site.store().record_bulk_token(&record).await?;
+        tracing::info!(target: LOG, "{} created bulk registration token {id}, valid from {} until {}",
+            self.actor, format_utc(record.valid_from), format_utc(record.valid_until));
         Ok(NewBulkToken { record, token })
     }
 
@@ -211,11 +216,14 @@ impl AdminService {
 
     async fn set_blocked(&self, guid: &str, blocked: bool) -> Result<BulkTokenRecord, SiteError> {
         let id = parse_guid(guid)?;
-        Ok(self
+        let record = self
             .site
             .store()
             .set_bulk_token_blocked(id, blocked, &self.actor)
-            .await?)
+            .await?;
+        let verb = if blocked { "blocked" } else { "unblocked" };
+        tracing::info!(target: LOG, "{} {verb} bulk registration token {id}", self.actor);
+        Ok(record)
     }
 
     /// Every site certificate and bulk registration token, sorted by type then validity.
@@ -303,6 +311,8 @@ impl AdminService {
                 )
                 .await?;
         }
+        tracing::info!(target: LOG, "{} added token signing certificate {}; previous ones retire after their tokens expire",
+            self.actor, record.thumbprint_sha256);
         Ok(record)
     }
 
@@ -322,9 +332,12 @@ impl AdminService {
                 cert.thumbprint_sha256.clone(),
             ));
         }
-        Ok(store
+        store
             .set_certificate_status(&cert.thumbprint_sha256, CertStatus::Retired, &self.actor)
-            .await?)
+            .await?;
+        tracing::warn!(target: LOG, "{} retired token signing certificate {}; tokens it signed no longer verify",
+            self.actor, cert.thumbprint_sha256);
+        Ok(())
     }
 
     /// The JWKS document of every published verification key.

@@ -26,7 +26,21 @@ pub use watch::{RevocationWatch, watch_revocations};
 pub use cmg_pki::KeyAlgorithm;
 pub use cmg_store::{AuditEntry, BulkTokenRecord};
 
+/// The site's log files (DESIGN §10), each fed by `tracing` events with that target.
+/// `SMSProv` records every admin operation, as the SMS Provider does in ConfigMgr.
+pub const LOG_COMPONENTS: &[&str] = &[admin::LOG];
+
 /// Seconds since the Unix epoch, the unit of every timestamp the site stores.
 pub fn unix_now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// `2026-11-28 12:40:00 UTC`: how the site shows a time to admins.
+pub fn format_utc(unix: i64) -> String {
+    let format =
+        time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second] UTC");
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| t.format(format).ok())
+        .unwrap_or_else(|| unix.to_string())
 }

@@ -7,8 +7,9 @@ use cmg_site::{AdminService, DataDir, unix_now};
 use serde_json::json;
 
 use crate::cli::BulkTokenCommand;
+use crate::rfc3339;
 use crate::site::with_admin;
-use crate::{format_time, rfc3339};
+use cmg_site::format_utc as format_time;
 
 /// Rewrites the documented tool syntax after `bulk-token` into ordinary subcommands:
 /// `/new` → `new`, `/lifetime N` (or `/lifetime:N`) → `--lifetime N`, `/?` → `--help`.

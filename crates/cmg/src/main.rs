@@ -20,7 +20,15 @@ fn main() -> ExitCode {
         }
     };
     let cli = Cli::parse_from(args);
-    init_tracing();
+    let data = cmg_site::DataDir::new(&cli.data);
+    // `site init` makes the log directory itself, with the site's permissions.
+    let site_logs = (!matches!(cli.command, Command::Site(cli::SiteCommand::Init(_)))
+        && data.config_file().exists())
+    .then(|| data.logs_dir());
+    if let Err(e) = init_tracing(site_logs.as_deref()) {
+        eprintln!("error: cannot open the log files: {e}");
+        return ExitCode::FAILURE;
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -31,7 +39,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(cli, data)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -40,8 +48,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    let data = cmg_site::DataDir::new(&cli.data);
+async fn run(cli: Cli, data: cmg_site::DataDir) -> anyhow::Result<()> {
     match cli.command {
         Command::Site(cmd) => site::run(cmd, data).await,
         Command::BulkToken(cmd) => bulk_token::run(cmd, data).await,
@@ -49,14 +56,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Diagnostics go to stderr, so that stdout carries only what scripts parse.
-fn init_tracing() {
+/// Diagnostics go to stderr (level from `CMG_LOG`, default `warn`), so that stdout carries only
+/// what scripts parse; the site's component logs also go to their CMTrace files (DESIGN §10).
+fn init_tracing(site_logs: Option<&std::path::Path>) -> std::io::Result<()> {
+    use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_from_env("CMG_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let stderr = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
+        .with_filter(filter);
+    let files = site_logs
+        .map(|dir| cmg_log::CmTraceLayer::open(dir, cmg_site::LOG_COMPONENTS))
+        .transpose()?;
+    tracing_subscriber::registry()
+        .with(stderr)
+        .with(files)
         .init();
+    Ok(())
 }
 
 /// The OS account running the command, recorded in the audit log as the admin who acted.
@@ -84,16 +100,6 @@ fn account_from_uid() -> String {
             })
         })
         .unwrap_or_else(|| format!("uid {uid}"))
-}
-
-/// `2026-11-28 12:40:00 UTC`.
-pub(crate) fn format_time(unix: i64) -> String {
-    let format =
-        time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second] UTC");
-    time::OffsetDateTime::from_unix_timestamp(unix)
-        .ok()
-        .and_then(|t| t.format(format).ok())
-        .unwrap_or_else(|| unix.to_string())
 }
 
 /// RFC 3339, for JSON output.

@@ -4,7 +4,8 @@ use cmg_site::{AdminService, DataDir, InitOptions, init_site};
 use serde_json::json;
 
 use crate::cli::{AdminCommand, SiteCommand, TokenKeyCommand};
-use crate::{actor, format_time, rfc3339};
+use crate::{actor, rfc3339};
+use cmg_site::format_utc as format_time;
 
 pub async fn run(cmd: SiteCommand, data: DataDir) -> anyhow::Result<()> {
     match cmd {

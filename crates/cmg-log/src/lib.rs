@@ -1,0 +1,282 @@
+//! Log files the way ConfigMgr admins read them (DESIGN §10): one file per component
+//! (`MP_RegistrationManager.log`, `CCM_STS.log`, …) in the CMTrace format that CMTrace and
+//! OneTrace open, rolled over by size to `<name>.lo_`.
+//!
+//! Code logs with ordinary `tracing` macros and a `target` equal to the component name, e.g.
+//! `tracing::info!(target: "CCM_STS", "…")`; [`CmTraceLayer`] sends each event whose target is a
+//! registered component to that component's file. Everything else (and these too) still goes to
+//! stderr through whatever other layer the binary installs.
+//!
+//! This crate must not decide what is logged or filter secrets: callers never pass tokens, keys
+//! or passwords to a log macro.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::Layer;
+use tracing_subscriber::layer::Context;
+
+/// Roll a file over when it passes this size (ConfigMgr's default is far smaller; disks grew).
+pub const DEFAULT_MAX_BYTES: u64 = 5 * 1024 * 1024;
+
+/// CMTrace severity: 1 information, 2 warning, 3 error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    Info = 1,
+    Warning = 2,
+    Error = 3,
+}
+
+impl From<&Level> for Severity {
+    fn from(level: &Level) -> Self {
+        match *level {
+            Level::ERROR => Severity::Error,
+            Level::WARN => Severity::Warning,
+            _ => Severity::Info,
+        }
+    }
+}
+
+/// One component's log file. Cheap to clone; writes are serialised and flushed per line so a
+/// crash loses nothing already logged.
+#[derive(Clone, Debug)]
+pub struct LogFile {
+    component: Arc<str>,
+    inner: Arc<Mutex<Inner>>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    path: PathBuf,
+    writer: Option<BufWriter<File>>,
+    size: u64,
+    max_bytes: u64,
+}
+
+impl LogFile {
+    /// Opens (appending) `<dir>/<component>.log`, creating the directory if needed.
+    pub fn open(dir: &Path, component: &str, max_bytes: u64) -> io::Result<LogFile> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join(format!("{component}.log"));
+        let (writer, size) = open_append(&path)?;
+        Ok(LogFile {
+            component: component.into(),
+            inner: Arc::new(Mutex::new(Inner {
+                path,
+                writer: Some(writer),
+                size,
+                max_bytes,
+            })),
+        })
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.lock().path.clone()
+    }
+
+    /// Appends one CMTrace line. A failing disk must not take the service down, so I/O errors
+    /// are reported once on stderr and the line is dropped.
+    pub fn write(&self, severity: Severity, message: &str) {
+        let line = format_line(
+            message,
+            &self.component,
+            severity,
+            time::OffsetDateTime::now_utc(),
+        );
+        let mut inner = self.lock();
+        if let Err(e) = inner.append(line.as_bytes()) {
+            eprintln!("cannot write {}: {e}", inner.path.display());
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves a usable file; keep logging.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Inner {
+    fn append(&mut self, line: &[u8]) -> io::Result<()> {
+        if self.size + line.len() as u64 > self.max_bytes && self.size > 0 {
+            self.roll_over()?;
+        }
+        let writer = match &mut self.writer {
+            Some(w) => w,
+            None => self.writer.insert(open_append(&self.path)?.0),
+        };
+        writer.write_all(line)?;
+        writer.flush()?;
+        self.size += line.len() as u64;
+        Ok(())
+    }
+
+    /// `X.log` becomes `X.lo_` (replacing an older one), as ConfigMgr does.
+    fn roll_over(&mut self) -> io::Result<()> {
+        self.writer = None;
+        std::fs::rename(&self.path, self.path.with_extension("lo_"))?;
+        self.writer = Some(open_append(&self.path)?.0);
+        self.size = 0;
+        Ok(())
+    }
+}
+
+fn open_append(path: &Path) -> io::Result<(BufWriter<File>, u64)> {
+    let file = OpenOptions::new().create(true).append(true).open(path)?;
+    let size = file.metadata()?.len();
+    Ok((BufWriter::new(file), size))
+}
+
+/// One CMTrace line, e.g.
+/// `<![LOG[text]LOG]!><time="12:28:04.123+000" date="11-25-2026" component="CCM_STS" context="" type="1" thread="3" file="">`.
+/// Times are UTC, so the offset is `+000` minutes.
+pub fn format_line(
+    message: &str,
+    component: &str,
+    severity: Severity,
+    at: time::OffsetDateTime,
+) -> String {
+    // The closing marker inside a message would end the record early in a viewer.
+    let message = message.replace("]LOG]!>", "]LOG]>");
+    let at = at.to_offset(time::UtcOffset::UTC);
+    format!(
+        "<![LOG[{message}]LOG]!><time=\"{:02}:{:02}:{:02}.{:03}+000\" date=\"{:02}-{:02}-{:04}\" component=\"{component}\" context=\"\" type=\"{}\" thread=\"{}\" file=\"\">\n",
+        at.hour(),
+        at.minute(),
+        at.second(),
+        at.millisecond(),
+        u8::from(at.month()),
+        at.day(),
+        at.year(),
+        severity as u8,
+        thread_number(),
+    )
+}
+
+fn thread_number() -> u64 {
+    // ThreadId has no stable numeric accessor; its Debug form is `ThreadId(N)`.
+    let id = format!("{:?}", std::thread::current().id());
+    id.trim_start_matches("ThreadId(")
+        .trim_end_matches(')')
+        .parse()
+        .unwrap_or(0)
+}
+
+/// A `tracing` layer that writes events whose target names a registered component to that
+/// component's [`LogFile`].
+#[derive(Default, Clone)]
+pub struct CmTraceLayer {
+    files: HashMap<&'static str, LogFile>,
+}
+
+impl CmTraceLayer {
+    /// Opens `<dir>/<component>.log` for each component.
+    pub fn open(dir: &Path, components: &[&'static str]) -> io::Result<Self> {
+        let mut files = HashMap::new();
+        for component in components {
+            files.insert(
+                *component,
+                LogFile::open(dir, component, DEFAULT_MAX_BYTES)?,
+            );
+        }
+        Ok(CmTraceLayer { files })
+    }
+}
+
+impl<S: Subscriber> Layer<S> for CmTraceLayer {
+    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+        let Some(file) = self.files.get(event.metadata().target()) else {
+            return;
+        };
+        let mut visitor = MessageVisitor::default();
+        event.record(&mut visitor);
+        file.write(event.metadata().level().into(), &visitor.text);
+    }
+}
+
+/// The message first, then `name=value` for every other field.
+#[derive(Default)]
+struct MessageVisitor {
+    text: String,
+}
+
+impl Visit for MessageVisitor {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            let rest = std::mem::take(&mut self.text);
+            let _ = write!(self.text, "{value:?}");
+            self.text.push_str(&rest);
+        } else {
+            let _ = write!(self.text, " {}={value:?}", field.name());
+        }
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.text.insert_str(0, value);
+        } else {
+            let _ = write!(self.text, " {}={value}", field.name());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    #[test]
+    fn lines_follow_the_cmtrace_format() {
+        let at = time::macros::datetime!(2026-11-25 09:05:03.042 UTC);
+        let line = format_line(
+            "Client is registered",
+            "ClientIDManagerStartup",
+            Severity::Warning,
+            at,
+        );
+        assert!(line.starts_with("<![LOG[Client is registered]LOG]!><time=\"09:05:03.042+000\" date=\"11-25-2026\" component=\"ClientIDManagerStartup\" context=\"\" type=\"2\" thread=\""));
+        assert!(line.ends_with("\" file=\"\">\n"));
+        let tricky = format_line("a]LOG]!>b", "X", Severity::Info, at);
+        assert_eq!(tricky.matches("]LOG]!>").count(), 1);
+    }
+
+    #[test]
+    fn events_are_routed_by_target_to_their_component_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let layer = CmTraceLayer::open(dir.path(), &["CCM_STS", "ClientAuth"]).unwrap();
+        let subscriber = tracing_subscriber::registry().with(layer);
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!(target: "CCM_STS", client = "GUID:1", "Token renewed");
+            tracing::error!(target: "ClientAuth", "Refused: expired");
+            tracing::info!(target: "elsewhere", "not for a file");
+        });
+        let sts = std::fs::read_to_string(dir.path().join("CCM_STS.log")).unwrap();
+        assert!(
+            sts.starts_with("<![LOG[Token renewed client=GUID:1]LOG]!>"),
+            "{sts}"
+        );
+        assert!(sts.contains("type=\"1\""));
+        let auth = std::fs::read_to_string(dir.path().join("ClientAuth.log")).unwrap();
+        assert!(auth.contains("Refused: expired") && auth.contains("type=\"3\""));
+        assert!(!sts.contains("not for a file") && !auth.contains("not for a file"));
+    }
+
+    #[test]
+    fn files_roll_over_by_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = LogFile::open(dir.path(), "CMGService", 400).unwrap();
+        for i in 0..10 {
+            log.write(Severity::Info, &format!("line {i}"));
+        }
+        let current = std::fs::read_to_string(dir.path().join("CMGService.log")).unwrap();
+        let rolled = std::fs::read_to_string(dir.path().join("CMGService.lo_")).unwrap();
+        assert!(current.len() <= 400 && !rolled.is_empty());
+        assert!(current.contains("line 9"));
+        assert!(!current.contains("line 0"));
+    }
+}
