@@ -20,12 +20,17 @@ impl TokenFixture {
     /// Panics on failure: benchmark set-up.
     pub fn new(alg: KeyAlgorithm) -> Self {
         let root = SiteAuthority::generate("BEN").expect("site root");
-        let cred = root.issue("BEN", &Role::TokenSigning, alg).expect("token signing cert");
+        let cred = root
+            .issue("BEN", &Role::TokenSigning, alg)
+            .expect("token signing cert");
         let pkcs8 = cmg_pki::key_pem_to_pkcs8(cred.key_pem(), "bench key").expect("pkcs8");
         let key = SigningKey::new(cred.cert_der(), &pkcs8).expect("signing key");
         let hierarchy = uuid::Uuid::new_v4().to_string();
         let verifier = TokenVerifier::new(&hierarchy, [key.verification_key().clone()]);
-        TokenFixture { issuer: TokenIssuer::new(key, &hierarchy, "BEN"), verifier }
+        TokenFixture {
+            issuer: TokenIssuer::new(key, &hierarchy, "BEN"),
+            verifier,
+        }
     }
 
     /// A 90-day client token minted at `now`.
