@@ -6,6 +6,8 @@
 //! decide policy, or touch the database. Later it also owns chain and CRL verification for the
 //! gateway (DESIGN §4).
 
+pub mod tls;
+
 use std::fmt;
 use std::io::Write;
 use std::path::Path;

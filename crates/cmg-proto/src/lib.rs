@@ -1,10 +1,13 @@
 //! Wire types shared by every cmg role: the claims of bulk registration and client tokens
-//! (DESIGN §3.2–§3.3) and the constants they are checked against.
+//! (DESIGN §3.2–§3.3) and the constants they are checked against, and the management point's
+//! messages ([`mp`], DESIGN §5.2).
 //!
 //! This crate owns shapes and names only. It must not sign, verify, store or send anything:
 //! signing and verification live in `cmg-token`, persistence in `cmg-store`.
 
 use serde::{Deserialize, Serialize};
+
+pub mod mp;
 
 /// `aud` of every token the site issues.
 pub const AUDIENCE: &str = "urn:sccm:service";
