@@ -266,6 +266,34 @@ impl SiteAuthority {
     }
 }
 
+/// Lifetime of a device's self-signed certificate; its client token, not the certificate,
+/// limits what it may do.
+pub const DEVICE_CERT_VALIDITY: Duration = Duration::days(5 * 365);
+
+/// A device's self-signed client authentication certificate (DESIGN §4, §7), with a new key.
+pub fn self_signed_device(common_name: &str, alg: KeyAlgorithm) -> Result<Credential, PkiError> {
+    let key = alg.generate()?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, common_name);
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    set_validity(&mut params, DEVICE_CERT_VALIDITY);
+    let cert = params
+        .self_signed(&key)
+        .map_err(|source| PkiError::Certificate {
+            what: "device",
+            source,
+        })?;
+    Ok(Credential {
+        cert_der: cert.der().to_vec(),
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
 fn name(common_name: &str, site_code: &str) -> DistinguishedName {
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, common_name);

@@ -108,10 +108,14 @@ pub struct MpList {
 pub struct ClientPolicy {
     /// "Enable clients to use a cloud management gateway".
     pub enable_cmg: bool,
-    pub policy_interval_minutes: u32,
-    pub location_interval_minutes: u32,
-    pub token_renewal_days: u32,
-    pub token_validity_days: u32,
+    /// How often to poll policy.
+    pub policy_interval_secs: u64,
+    /// How often to refresh the management point list.
+    pub location_interval_secs: u64,
+    /// Renew the client token when it is older than this.
+    pub token_renewal_secs: u64,
+    /// How long a new client token is valid.
+    pub token_validity_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -166,4 +170,18 @@ pub struct ErrorBody {
     pub error: String,
     pub message: String,
     pub action: String,
+}
+
+/// Headers by which a connection point passes on the identity a gateway verified (DESIGN §6).
+/// A management point believes them only on a connection authenticated with a connection point
+/// certificate, and ignores them on every other.
+pub mod relay {
+    /// `Token`, `BulkRegistration` or `PKI`.
+    pub const IDENTITY: &str = "x-cmg-identity";
+    /// base64url SHA-256 of the device's certificate.
+    pub const CLIENT_THUMBPRINT: &str = "x-cmg-client-thumbprint";
+    /// Subject of a PKI client certificate.
+    pub const PKI_SUBJECT: &str = "x-cmg-pki-subject";
+    /// Name of the CMG the device came through.
+    pub const GATEWAY: &str = "x-cmg-gateway";
 }

@@ -6,14 +6,17 @@ use std::fmt;
 use std::str::FromStr;
 
 use cmg_pki::{KeyAlgorithm, Role};
-use cmg_store::{AuditEntry, BulkTokenRecord, CertPurpose, CertStatus, CertificateRecord};
+use cmg_store::{
+    AuditEntry, BulkTokenRecord, CertPurpose, CertStatus, CertificateRecord, DeviceConflict,
+    DeviceRecord, MpRecord,
+};
 use cmg_token::Token;
 use serde_json::Value;
 use uuid::Uuid;
 
 use crate::init::certificate_record;
 use crate::site::active_signer;
-use crate::{DataDir, Site, SiteError, format_utc, unix_now};
+use crate::{DataDir, Site, SiteError, SiteSettings, format_utc, unix_now};
 
 /// Log component (file `SMSProv.log`) of the admin service.
 pub(crate) const LOG: &str = "SMSProv";
@@ -350,6 +353,164 @@ impl AdminService {
     }
 }
 
+impl AdminService {
+    pub async fn devices(&self) -> Result<Vec<DeviceRecord>, SiteError> {
+        Ok(self.site.store().devices().await?)
+    }
+
+    pub async fn device(&self, client_id: &str) -> Result<DeviceRecord, SiteError> {
+        let id = parse_client_id(client_id)?;
+        self.site
+            .store()
+            .device(&id)
+            .await?
+            .ok_or_else(|| SiteError::Store(cmg_store::StoreError::NotFound { what: "device", id }))
+    }
+
+    /// Blocks a device: its token is refused from the next request on, everywhere.
+    pub async fn block_device(&self, client_id: &str) -> Result<DeviceRecord, SiteError> {
+        self.set_device_blocked(client_id, true).await
+    }
+
+    pub async fn unblock_device(&self, client_id: &str) -> Result<DeviceRecord, SiteError> {
+        self.set_device_blocked(client_id, false).await
+    }
+
+    async fn set_device_blocked(
+        &self,
+        client_id: &str,
+        blocked: bool,
+    ) -> Result<DeviceRecord, SiteError> {
+        let id = parse_client_id(client_id)?;
+        let device = self
+            .site
+            .store()
+            .set_device_blocked(&id, blocked, &self.actor)
+            .await?;
+        let verb = if blocked { "blocked" } else { "unblocked" };
+        tracing::info!(target: LOG, "{} {verb} device {id}", self.actor);
+        Ok(device)
+    }
+
+    /// Approves a device waiting for approval; it gets its token when it next registers.
+    pub async fn approve_device(&self, client_id: &str) -> Result<DeviceRecord, SiteError> {
+        let id = parse_client_id(client_id)?;
+        let device = self.site.store().approve_device(&id, &self.actor).await?;
+        tracing::info!(target: LOG, "{} approved device {id}", self.actor);
+        Ok(device)
+    }
+
+    pub async fn device_conflicts(
+        &self,
+        include_resolved: bool,
+    ) -> Result<Vec<DeviceConflict>, SiteError> {
+        Ok(self.site.store().device_conflicts(include_resolved).await?)
+    }
+
+    /// Merges a conflicting record into the record it conflicts with: the existing client ID
+    /// keeps its history and takes the new certificate.
+    pub async fn merge_conflict(&self, new_client_id: &str) -> Result<DeviceRecord, SiteError> {
+        let id = parse_client_id(new_client_id)?;
+        let merged = self
+            .site
+            .store()
+            .merge_device_conflict(&id, &self.actor)
+            .await?;
+        tracing::info!(target: LOG, "{} merged conflicting record {id} into {}", self.actor, merged.client_id);
+        Ok(merged)
+    }
+
+    /// Every setting: name, value, description.
+    pub async fn settings(&self) -> Result<Vec<(&'static str, String, &'static str)>, SiteError> {
+        Ok(SiteSettings::describe(&self.site.store().settings().await?))
+    }
+
+    /// Changes a setting after checking it (and its consistency with the others).
+    pub async fn set_setting(&self, name: &str, value: &str) -> Result<String, SiteError> {
+        let store = self.site.store();
+        let value = SiteSettings::validate_change(&store.settings().await?, name, value)?;
+        store.set_setting(name, &value, &self.actor).await?;
+        tracing::info!(target: LOG, "{} set {name} = {value}", self.actor);
+        Ok(value)
+    }
+
+    pub async fn management_points(&self) -> Result<Vec<MpRecord>, SiteError> {
+        Ok(self.site.store().management_points().await?)
+    }
+
+    /// Adds a management point; without `role_id` one is generated.
+    pub async fn add_management_point(
+        &self,
+        name: &str,
+        url: &str,
+        allow_cmg_traffic: bool,
+        role_id: Option<i64>,
+    ) -> Result<MpRecord, SiteError> {
+        let record = MpRecord {
+            role_id: role_id.unwrap_or_else(new_role_id),
+            name: name.to_owned(),
+            url: check_mp_url(url)?,
+            allow_cmg_traffic,
+            created_at: unix_now(),
+        };
+        self.site
+            .store()
+            .add_management_point(&record, &self.actor)
+            .await?;
+        tracing::info!(target: LOG, "{} added management point {} ({})", self.actor, record.role_id, record.url);
+        Ok(record)
+    }
+
+    pub async fn set_management_point(
+        &self,
+        role_id: i64,
+        url: Option<&str>,
+        allow_cmg_traffic: Option<bool>,
+    ) -> Result<MpRecord, SiteError> {
+        let url = url.map(check_mp_url).transpose()?;
+        let record = self
+            .site
+            .store()
+            .set_management_point(role_id, url.as_deref(), allow_cmg_traffic, &self.actor)
+            .await?;
+        tracing::info!(target: LOG, "{} changed management point {role_id}: {} (CMG traffic {})", self.actor, record.url, if record.allow_cmg_traffic { "allowed" } else { "not allowed" });
+        Ok(record)
+    }
+}
+
+/// A new MP role ID: a large decimal number, as ConfigMgr's (e.g. 72186325152220500).
+pub(crate) fn new_role_id() -> i64 {
+    let random = Uuid::new_v4().as_u128() as u64;
+    10_000_000_000_000_000 + i64::try_from(random % 80_000_000_000_000_000).unwrap_or(0)
+}
+
+fn check_mp_url(url: &str) -> Result<String, SiteError> {
+    let url = url.trim().trim_end_matches('/');
+    let host = url.strip_prefix("https://").unwrap_or_default();
+    if host.is_empty() || host.contains(char::is_whitespace) || host.contains('/') {
+        return Err(SiteError::BadSetting {
+            name: "url".into(),
+            reason: format!(
+                "'{}' is not https://HOST[:PORT] — management points speak HTTPS only",
+                url.chars().take(80).collect::<String>()
+            ),
+        });
+    }
+    Ok(url.to_owned())
+}
+
+/// `GUID:1234…` in any case, with or without braces → `GUID:` + upper-case GUID.
+pub(crate) fn parse_client_id(s: &str) -> Result<String, SiteError> {
+    let trimmed = s.trim();
+    let guid = trimmed
+        .get(..5)
+        .filter(|p| p.eq_ignore_ascii_case("GUID:"))
+        .and_then(|_| trimmed.get(5..))
+        .ok_or_else(|| SiteError::BadClientId(s.chars().take(60).collect()))?;
+    let id = parse_guid(guid).map_err(|_| SiteError::BadClientId(s.chars().take(60).collect()))?;
+    Ok(format!("GUID:{}", id.to_string().to_uppercase()))
+}
+
 fn parse_guid(s: &str) -> Result<Uuid, SiteError> {
     let trimmed = s.trim().trim_start_matches('{').trim_end_matches('}');
     Uuid::parse_str(trimmed).map_err(|_| SiteError::BadGuid(s.chars().take(60).collect()))
@@ -380,6 +541,41 @@ mod tests {
         ] {
             let err = bad.parse::<BulkTokenLifetime>().unwrap_err();
             assert!(err.to_string().contains("from 1 to 10080"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn client_ids_are_normalised_and_checked() {
+        let id = "GUID:0c2d1d3a-0000-4000-8000-000000000001";
+        assert_eq!(
+            parse_client_id(id).unwrap(),
+            "GUID:0C2D1D3A-0000-4000-8000-000000000001"
+        );
+        assert_eq!(
+            parse_client_id("guid:{0C2D1D3A-0000-4000-8000-000000000001}").unwrap(),
+            "GUID:0C2D1D3A-0000-4000-8000-000000000001"
+        );
+        for bad in [
+            "0c2d1d3a-0000-4000-8000-000000000001",
+            "GUID:",
+            "GUID:xyz",
+            "",
+            "GUI",
+        ] {
+            assert!(parse_client_id(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn role_ids_are_large_and_mp_urls_https() {
+        let id = new_role_id();
+        assert!((10_000_000_000_000_000..90_000_000_000_000_000).contains(&id));
+        assert_eq!(
+            check_mp_url("https://mp.contoso.com:8443/").unwrap(),
+            "https://mp.contoso.com:8443"
+        );
+        for bad in ["http://mp", "https://", "mp.contoso.com", "https://a b"] {
+            assert!(check_mp_url(bad).is_err(), "{bad}");
         }
     }
 

@@ -27,6 +27,12 @@ pub enum SiteError {
     BadLifetime(String),
     #[error("'{0}' is not a GUID; copy the GUID exactly as `cmg bulk-token list` shows it")]
     BadGuid(String),
+    #[error("no management point with role ID {0} on this site; `cmg admin mp list` shows them")]
+    UnknownMp(i64),
+    #[error("setting '{name}': {reason}")]
+    BadSetting { name: String, reason: String },
+    #[error("'{0}' is not a client ID; copy it as `cmg admin device list` shows it (GUID:…)")]
+    BadClientId(String),
     #[error("the site database and the site's files disagree: {0}")]
     Inconsistent(String),
     #[error("no token signing certificate {0} on this site; `cmg bulk-token list` shows them")]

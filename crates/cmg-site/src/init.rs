@@ -10,10 +10,12 @@ use std::fmt;
 use std::str::FromStr;
 
 use cmg_pki::{Credential, KeyAlgorithm, Role, SiteAuthority};
-use cmg_store::{CertPurpose, CertStatus, CertificateRecord, SiteRecord, Store};
+use cmg_store::{CertPurpose, CertStatus, CertificateRecord, MpRecord, SiteRecord, Store};
 use uuid::Uuid;
 
+use crate::admin::new_role_id;
 use crate::layout::{CONNECTION_POINT, MANAGEMENT_POINT, SITE_ROOT};
+use crate::server::DEFAULT_MP_PORT;
 use crate::{DataDir, SiteConfig, SiteError, unix_now};
 
 /// A site code: exactly three ASCII letters or digits, kept upper case (e.g. `ABC`).
@@ -121,7 +123,13 @@ pub async fn init_site(opts: InitOptions) -> Result<SiteConfig, SiteError> {
     let written = write_credentials(data, &credentials);
     let outcome = match written {
         Ok(()) => match store.init_site(&record, &records, &opts.actor).await {
-            Ok(()) => config.save(data),
+            Ok(()) => match store
+                .add_management_point(&default_mp(now), &opts.actor)
+                .await
+            {
+                Ok(()) => config.save(data),
+                Err(e) => Err(e.into()),
+            },
             Err(e) => Err(e.into()),
         },
         Err(e) => Err(e),
@@ -135,6 +143,18 @@ pub async fn init_site(opts: InitOptions) -> Result<SiteConfig, SiteError> {
         }
     }
     outcome.map(|()| config)
+}
+
+/// The management point every site starts with (ConfigMgr installs one with the site), at the
+/// address `cmg site run` listens on by default.
+fn default_mp(now: i64) -> MpRecord {
+    MpRecord {
+        role_id: new_role_id(),
+        name: "MP1".into(),
+        url: format!("https://localhost:{}", DEFAULT_MP_PORT),
+        allow_cmg_traffic: true,
+        created_at: now,
+    }
 }
 
 fn write_credentials(

@@ -11,8 +11,11 @@ mod admin;
 mod error;
 mod init;
 mod layout;
+pub mod mp;
+mod server;
+mod settings;
 mod site;
-mod watch;
+mod state;
 
 pub use admin::{
     AdminService, BulkTokenLifetime, InventoryItem, InventoryKind, ItemStatus, NewBulkToken,
@@ -20,15 +23,17 @@ pub use admin::{
 pub use error::SiteError;
 pub use init::{InitOptions, SiteCode, init_site};
 pub use layout::{DataDir, SiteConfig};
+pub use server::{CHANGE_POLL, DEFAULT_MP_LISTEN, SiteRunOptions, SiteServer};
+pub use settings::{ApprovalMode, ConflictHandling, SiteSettings};
 pub use site::Site;
-pub use watch::{RevocationWatch, watch_revocations};
+pub use state::{SiteState, StateWatch, watch_state};
 
 pub use cmg_pki::KeyAlgorithm;
-pub use cmg_store::{AuditEntry, BulkTokenRecord};
+pub use cmg_store::{AuditEntry, BulkTokenRecord, DeviceConflict, DeviceRecord, MpRecord};
 
 /// The site's log files (DESIGN §10), each fed by `tracing` events with that target.
 /// `SMSProv` records every admin operation, as the SMS Provider does in ConfigMgr.
-pub const LOG_COMPONENTS: &[&str] = &[admin::LOG];
+pub const LOG_COMPONENTS: &[&str] = &[admin::LOG, mp::LOG_REGISTRATION, mp::LOG_STS, mp::LOG_AUTH];
 
 /// Seconds since the Unix epoch, the unit of every timestamp the site stores.
 pub fn unix_now() -> i64 {

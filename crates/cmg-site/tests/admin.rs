@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use cmg_site::{
     AdminService, BulkTokenLifetime, DataDir, InitOptions, InventoryKind, ItemStatus, KeyAlgorithm,
-    init_site, unix_now, watch_revocations,
+    Site, init_site, unix_now, watch_state,
 };
 use cmg_store::testing::{TestStore, test_stores};
 
@@ -28,7 +28,7 @@ async fn a_block_made_by_another_process_reaches_the_running_site_within_seconds
         let dir = tempfile::tempdir().unwrap();
         let data = site_on(&db, &dir).await;
         // The running site and the admin CLI each open the site on their own.
-        let running = AdminService::open(data.clone(), "site").await.unwrap();
+        let running = std::sync::Arc::new(Site::open(data.clone()).await.unwrap());
         let cli = AdminService::open(data, "alice").await.unwrap();
         let created = cli
             .new_bulk_token(BulkTokenLifetime::DEFAULT)
@@ -36,26 +36,25 @@ async fn a_block_made_by_another_process_reaches_the_running_site_within_seconds
             .unwrap();
         let guid = created.record.id.to_string();
 
-        let (mut rx, task) =
-            watch_revocations(running.site().store().clone(), Duration::from_millis(200))
-                .await
-                .unwrap();
-        assert!(!rx.borrow().bulk_tokens.contains(&guid));
-        let verifier = running.site().verifier(unix_now()).await.unwrap();
+        let (mut rx, task) = watch_state(running.clone(), Duration::from_millis(200))
+            .await
+            .unwrap();
+        assert!(!rx.borrow().revocations.bulk_tokens.contains(&guid));
+        let verifier = running.verifier(unix_now()).await.unwrap();
         let token = created.token.expose();
         verifier
-            .verify_bulk(token, unix_now(), &rx.borrow())
+            .verify_bulk(token, unix_now(), &rx.borrow().revocations)
             .expect("valid before the block");
 
         cli.block_bulk_token(&guid).await.unwrap();
         tokio::time::timeout(
             Duration::from_secs(5),
-            rx.wait_for(|r| r.bulk_tokens.contains(&guid)),
+            rx.wait_for(|s| s.revocations.bulk_tokens.contains(&guid)),
         )
         .await
         .unwrap_or_else(|_| panic!("{}: block not seen within 5 s", db.label))
         .unwrap();
-        let refused = verifier.verify_bulk(token, unix_now(), &rx.borrow());
+        let refused = verifier.verify_bulk(token, unix_now(), &rx.borrow().revocations);
         assert!(
             matches!(refused, Err(cmg_token::Refusal::BulkTokenBlocked(_))),
             "{}",
@@ -67,13 +66,13 @@ async fn a_block_made_by_another_process_reaches_the_running_site_within_seconds
             .unwrap();
         tokio::time::timeout(
             Duration::from_secs(5),
-            rx.wait_for(|r| !r.bulk_tokens.contains(&guid)),
+            rx.wait_for(|s| !s.revocations.bulk_tokens.contains(&guid)),
         )
         .await
         .unwrap_or_else(|_| panic!("{}: unblock not seen within 5 s", db.label))
         .unwrap();
         verifier
-            .verify_bulk(token, unix_now(), &rx.borrow())
+            .verify_bulk(token, unix_now(), &rx.borrow().revocations)
             .expect("valid again");
         drop(rx);
         task.abort();

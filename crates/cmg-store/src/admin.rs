@@ -16,7 +16,7 @@ use crate::{
 
 /// Writes the audit entry of a change and bumps the change version, inside the change's
 /// transaction.
-async fn audited(
+pub(crate) async fn audited(
     conn: &mut AnyConnection,
     actor: &str,
     action: &str,

@@ -92,6 +92,11 @@ pub(crate) fn is_unique_violation(e: &sqlx::Error) -> bool {
         .is_some_and(|d| matches!(d.kind(), ErrorKind::UniqueViolation))
 }
 
+pub(crate) fn is_foreign_key_violation(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .is_some_and(|d| matches!(d.kind(), ErrorKind::ForeignKeyViolation))
+}
+
 /// A constraint failure caused by one row's values (as opposed to the database being unreachable
 /// or busy): retrying the other rows of its batch on their own can succeed.
 pub(crate) fn is_row_violation(e: &sqlx::Error) -> bool {

@@ -10,18 +10,23 @@
 //! - **Grouped commits for registrations.** [`Store::insert_device`] queues the row to one writer
 //!   task that commits everything already queued in a single transaction, so a registration wave
 //!   costs one fsync per batch rather than per device — and each caller still returns only once
-//!   its own row is durable.
+//!   its own row is durable. [`Store::insert_conflicting_device`] rides the same batches, its
+//!   conflict row in the same transaction as its device row.
 //! - **Audited admin changes.** Every admin change writes an [`AuditEntry`] and bumps the
 //!   [change version](Store::change_version) in the same transaction as the change, so another
 //!   process sharing the database (the CLI beside a running site) is noticed by polling one row.
+//! - **Idempotent status delivery.** A status message is stored once per client and message ID,
+//!   however often a client sends its batch again.
 //! - **No secrets.** No column holds a private key or a token; errors never show a database
 //!   password.
 
 mod admin;
+mod config;
 mod devices;
 mod error;
 mod migrate;
 mod records;
+mod status;
 #[cfg(feature = "testing")]
 pub mod testing;
 
@@ -34,8 +39,8 @@ use sqlx::{Any, AnyConnection, AnyPool, Connection, Transaction};
 
 pub use error::{Result, StoreError};
 pub use records::{
-    AuditEntry, BulkTokenRecord, CertPurpose, CertStatus, CertificateRecord, DeviceRecord,
-    SiteRecord,
+    AuditEntry, BulkTokenRecord, CertPurpose, CertStatus, CertificateRecord, CmgRecord,
+    DeviceConflict, DeviceRecord, MpRecord, SiteRecord, StatusMessageRecord, StatusRow,
 };
 
 /// Which database a [`Store`] runs on.

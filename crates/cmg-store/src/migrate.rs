@@ -63,6 +63,18 @@ CREATE TABLE devices (
 CREATE INDEX devices_hardware_id ON devices (hardware_id);
 CREATE INDEX devices_cert_thumbprint ON devices (cert_thumbprint);
 
+-- A registration whose hardware ID matched an existing record (ConfigMgr's "conflicting
+-- record"). new_client_id has no foreign key: the row outlives the record a merge deletes.
+CREATE TABLE device_conflicts (
+    new_client_id TEXT PRIMARY KEY,
+    existing_client_id TEXT NOT NULL REFERENCES devices (client_id),
+    detected_at BIGINT NOT NULL,
+    resolved_at BIGINT,
+    resolution TEXT,
+    CHECK (new_client_id <> existing_client_id)
+);
+CREATE INDEX device_conflicts_existing ON device_conflicts (existing_client_id);
+
 CREATE TABLE management_points (
     role_id BIGINT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -97,12 +109,18 @@ CREATE TABLE traffic (
     PRIMARY KEY (cmg, connector, endpoint, period_start)
 );
 
+-- Delivery is idempotent per (client_id, message_id): a retried batch is not stored twice. `id`
+-- only keeps the order of arrival (SQLite has no identity column outside the primary key).
+-- client_id has no foreign key: the messages outlive a record that a merge deletes.
 CREATE TABLE status_messages (
-    message_id TEXT PRIMARY KEY,
+    id {id_pk},
     client_id TEXT NOT NULL,
+    message_id TEXT NOT NULL,
     received_at BIGINT NOT NULL,
+    sent_at BIGINT NOT NULL,
     kind TEXT NOT NULL,
-    body TEXT NOT NULL
+    body TEXT NOT NULL,
+    UNIQUE (client_id, message_id)
 );
 
 CREATE TABLE audit_log (

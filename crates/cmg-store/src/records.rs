@@ -120,6 +120,65 @@ pub struct DeviceRecord {
     pub last_seen_via: Option<String>,
 }
 
+/// A registration that matched an existing record's hardware ID (table `device_conflicts`):
+/// ConfigMgr's "conflicting record", left for an admin to merge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceConflict {
+    /// The record created by the conflicting registration.
+    pub new_client_id: String,
+    /// The record it conflicts with (the same hardware ID).
+    pub existing_client_id: String,
+    pub detected_at: i64,
+    /// `None` while the conflict waits for an admin.
+    pub resolved_at: Option<i64>,
+    /// How it was resolved: `merged`.
+    pub resolution: Option<String>,
+}
+
+/// A management point of the site (table `management_points`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MpRecord {
+    /// The MP's role ID, as in gateway URLs (DESIGN §5.1).
+    pub role_id: i64,
+    pub name: String,
+    /// Its intranet URL, e.g. `https://mp1.contoso.com`.
+    pub url: String,
+    /// Whether the connection point may send it gateway traffic.
+    pub allow_cmg_traffic: bool,
+    pub created_at: i64,
+}
+
+/// A cloud management gateway definition (table `cmgs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CmgRecord {
+    pub name: String,
+    pub fqdn: String,
+    /// Gateway instances, 1–16.
+    pub instances: i32,
+    /// The rest of the definition, as JSON text.
+    pub definition: String,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// One status message as a client sends it (a row of table `status_messages`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusRow {
+    /// Unique per client: a message sent again with the same ID is a duplicate.
+    pub message_id: String,
+    pub kind: String,
+    /// When the client sent it (its own clock).
+    pub sent_at: i64,
+    pub body: String,
+}
+
+/// A stored status message: what the client sent and when the site received it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusMessageRecord {
+    pub message: StatusRow,
+    pub received_at: i64,
+}
+
 /// One line of the audit log (table `audit_log`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditEntry {
@@ -255,6 +314,63 @@ impl AuditEntry {
             action: get(row, "action")?,
             target: get(row, "target")?,
             detail: get(row, "detail")?,
+        })
+    }
+}
+
+impl DeviceConflict {
+    pub(crate) fn from_row(row: &AnyRow) -> Result<Self> {
+        Ok(DeviceConflict {
+            new_client_id: get(row, "new_client_id")?,
+            existing_client_id: get(row, "existing_client_id")?,
+            detected_at: get(row, "detected_at")?,
+            resolved_at: get(row, "resolved_at")?,
+            resolution: get(row, "resolution")?,
+        })
+    }
+}
+
+impl MpRecord {
+    pub(crate) fn from_row(row: &AnyRow) -> Result<Self> {
+        Ok(MpRecord {
+            role_id: get(row, "role_id")?,
+            name: get(row, "name")?,
+            url: get(row, "url")?,
+            allow_cmg_traffic: get_flag(row, "allow_cmg_traffic")?,
+            created_at: get(row, "created_at")?,
+        })
+    }
+}
+
+impl CmgRecord {
+    pub(crate) fn from_row(row: &AnyRow) -> Result<Self> {
+        Ok(CmgRecord {
+            name: get(row, "name")?,
+            fqdn: get(row, "fqdn")?,
+            instances: get(row, "instances")?,
+            definition: get(row, "definition")?,
+            created_at: get(row, "created_at")?,
+            updated_at: get(row, "updated_at")?,
+        })
+    }
+}
+
+impl StatusRow {
+    pub(crate) fn from_row(row: &AnyRow) -> Result<Self> {
+        Ok(StatusRow {
+            message_id: get(row, "message_id")?,
+            kind: get(row, "kind")?,
+            sent_at: get(row, "sent_at")?,
+            body: get(row, "body")?,
+        })
+    }
+}
+
+impl StatusMessageRecord {
+    pub(crate) fn from_row(row: &AnyRow) -> Result<Self> {
+        Ok(StatusMessageRecord {
+            message: StatusRow::from_row(row)?,
+            received_at: get(row, "received_at")?,
         })
     }
 }

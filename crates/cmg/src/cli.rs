@@ -47,6 +47,8 @@ pub enum SiteCommand {
     /// Create a new site: site issuing root, token signing, management point and connection
     /// point certificates, the hierarchy ID and the database.
     Init(InitArgs),
+    /// Run the site server with its management point (HTTPS, "Enhanced HTTP") until Ctrl-C.
+    Run(RunArgs),
     /// Print the site's token verification keys as a JWKS document.
     Jwks,
     /// Rotate or retire the token signing certificate.
@@ -66,6 +68,16 @@ pub struct InitArgs {
     /// SQLite database in the data directory.
     #[arg(long, value_name = "URL")]
     pub db: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Address the management point listens on.
+    #[arg(long, value_name = "ADDR", default_value = cmg_site::DEFAULT_MP_LISTEN)]
+    pub mp_listen: std::net::SocketAddr,
+    /// Role ID of the management point to serve (`cmg admin mp list`); default: the first.
+    #[arg(long = "mp", value_name = "ROLE_ID")]
+    pub mp_role_id: Option<i64>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -117,6 +129,15 @@ pub enum BulkTokenCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum AdminCommand {
+    /// Registered devices: list, show, block, unblock, approve, conflicting records.
+    #[command(subcommand)]
+    Device(DeviceCommand),
+    /// Client and site settings (CMG use, intervals, token validity, approval, conflicts).
+    #[command(subcommand)]
+    Settings(SettingsCommand),
+    /// Management points of the site.
+    #[command(subcommand)]
+    Mp(MpCommand),
     /// Show who changed what on the site, newest first.
     Audit {
         /// How many entries.
@@ -126,6 +147,84 @@ pub enum AdminCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeviceCommand {
+    /// List registered devices.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one device.
+    Show {
+        /// Client ID as listed, e.g. GUID:0C2D1D3A-….
+        client_id: String,
+    },
+    /// Block a device: its token is refused at once, everywhere.
+    Block { client_id: String },
+    /// Unblock a device.
+    Unblock { client_id: String },
+    /// Approve a device that registered while approval is manual.
+    Approve { client_id: String },
+    /// List conflicting records: the same hardware registered with another certificate.
+    Conflicts {
+        /// Include conflicts already resolved.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Merge a conflicting record into the record it conflicts with (that client ID takes the
+    /// new certificate).
+    Merge {
+        /// Client ID of the new, conflicting record.
+        client_id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SettingsCommand {
+    /// Show every setting with its value and meaning.
+    Show,
+    /// Change a setting, e.g. `set token_renewal 30d` or `set approval manual`.
+    Set { name: String, value: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MpCommand {
+    /// List management points.
+    List,
+    /// Add a management point.
+    Add {
+        /// A name for admins, e.g. MP2.
+        #[arg(long)]
+        name: String,
+        /// Its intranet URL, https://HOST[:PORT].
+        #[arg(long)]
+        url: String,
+        /// Allow traffic from cloud management gateways to reach it.
+        #[arg(long, default_value = "yes", value_parser = parse_yes_no)]
+        allow_cmg: bool,
+        /// Role ID; default: a new one.
+        #[arg(long)]
+        role_id: Option<i64>,
+    },
+    /// Change a management point's URL or whether it allows CMG traffic.
+    Set {
+        role_id: i64,
+        #[arg(long)]
+        url: Option<String>,
+        #[arg(long, value_parser = parse_yes_no)]
+        allow_cmg: Option<bool>,
+    },
+}
+
+fn parse_yes_no(s: &str) -> Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "yes" | "true" | "on" => Ok(true),
+        "no" | "false" | "off" => Ok(false),
+        _ => Err(format!("'{s}': use yes or no")),
+    }
 }
 
 fn parse_site_code(s: &str) -> Result<SiteCode, String> {

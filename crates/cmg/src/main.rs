@@ -1,6 +1,7 @@
 //! `cmg`, the one binary: parses the command line, calls the role or admin service it names,
 //! and prints the result. Rules live in the library crates, not here.
 
+mod admin;
 mod bulk_token;
 mod cli;
 mod site;
@@ -52,7 +53,7 @@ async fn run(cli: Cli, data: cmg_site::DataDir) -> anyhow::Result<()> {
     match cli.command {
         Command::Site(cmd) => site::run(cmd, data).await,
         Command::BulkToken(cmd) => bulk_token::run(cmd, data).await,
-        Command::Admin(cmd) => site::run_admin(cmd, data).await,
+        Command::Admin(cmd) => admin::run(cmd, data).await,
     }
 }
 
@@ -100,6 +101,21 @@ fn account_from_uid() -> String {
             })
         })
         .unwrap_or_else(|| format!("uid {uid}"))
+}
+
+/// Resolves on Ctrl-C or SIGTERM, so every role stops cleanly under a terminal or a service
+/// manager alike.
+pub(crate) async fn shutdown_signal() {
+    #[cfg(unix)]
+    if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        return;
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 /// RFC 3339, for JSON output.

@@ -1,11 +1,9 @@
 //! `cmg site …` and `cmg admin …`.
 
-use cmg_site::{AdminService, DataDir, InitOptions, init_site};
-use serde_json::json;
+use cmg_site::{AdminService, DataDir, InitOptions, SiteRunOptions, SiteServer, init_site};
 
-use crate::cli::{AdminCommand, SiteCommand, TokenKeyCommand};
-use crate::{actor, rfc3339};
-use cmg_site::format_utc as format_time;
+use crate::actor;
+use crate::cli::{RunArgs, SiteCommand, TokenKeyCommand};
 
 pub async fn run(cmd: SiteCommand, data: DataDir) -> anyhow::Result<()> {
     match cmd {
@@ -30,6 +28,7 @@ pub async fn run(cmd: SiteCommand, data: DataDir) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        SiteCommand::Run(args) => run_site(data, args).await,
         SiteCommand::Jwks => {
             with_admin(data, async |admin| {
                 println!("{}", serde_json::to_string_pretty(&admin.jwks().await?)?);
@@ -64,43 +63,6 @@ pub async fn run(cmd: SiteCommand, data: DataDir) -> anyhow::Result<()> {
     }
 }
 
-pub async fn run_admin(cmd: AdminCommand, data: DataDir) -> anyhow::Result<()> {
-    match cmd {
-        AdminCommand::Audit { limit, json } => {
-            with_admin(data, async |admin| {
-                let entries = admin.audit_log(limit).await?;
-                if json {
-                    let rows: Vec<_> = entries
-                        .iter()
-                        .map(|e| {
-                            json!({"at": rfc3339(e.at), "actor": e.actor, "action": e.action,
-                               "target": e.target, "detail": e.detail})
-                        })
-                        .collect();
-                    println!("{}", serde_json::to_string_pretty(&rows)?);
-                } else {
-                    println!(
-                        "{:<23} {:<16} {:<22} {:<43} DETAIL",
-                        "WHEN", "WHO", "ACTION", "TARGET"
-                    );
-                    for e in &entries {
-                        println!(
-                            "{:<23} {:<16} {:<22} {:<43} {}",
-                            format_time(e.at),
-                            e.actor,
-                            e.action,
-                            e.target,
-                            e.detail
-                        );
-                    }
-                }
-                Ok(())
-            })
-            .await
-        }
-    }
-}
-
 /// Opens the admin service, runs `f`, and closes the site database cleanly either way.
 pub(crate) async fn with_admin(
     data: DataDir,
@@ -110,4 +72,20 @@ pub(crate) async fn with_admin(
     let result = f(&admin).await;
     admin.site().close().await;
     result
+}
+
+async fn run_site(data: DataDir, args: RunArgs) -> anyhow::Result<()> {
+    let mut options = SiteRunOptions::new(args.mp_listen);
+    options.mp.role_id = args.mp_role_id.unwrap_or(0);
+    let server = SiteServer::start(data, options).await?;
+    println!(
+        "Management point {} listening on https://{}",
+        server.mp_role_id(),
+        server.mp_addr()
+    );
+    println!("ready");
+    crate::shutdown_signal().await;
+    eprintln!("Stopping: letting requests in flight finish…");
+    server.shutdown().await;
+    Ok(())
 }

@@ -1,0 +1,123 @@
+//! The management point (DESIGN §5): the client-facing endpoints over HTTPS with the
+//! site-issued certificate ("Enhanced HTTP").
+//!
+//! - [`conn`] accepts TLS connections, learns the device certificate once per connection and
+//!   serves HTTP/1.1 and HTTP/2 with time-outs;
+//! - [`api`] is the router, request extractors and JSON errors;
+//! - [`registration`] and [`tokens`] hold the rules: who may register, who gets a token.
+//!
+//! Every endpoint answers the same on the intranet and through a gateway; the difference is only
+//! where the device identity comes from (the TLS peer, or a connection point's relayed headers).
+
+mod api;
+mod conn;
+mod registration;
+mod tokens;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::{DataDir, Site, SiteError, StateWatch};
+
+pub use api::MAX_BODY_BYTES;
+
+/// Log components of the management point (DESIGN §10).
+pub(crate) const LOG_REGISTRATION: &str = "MP_RegistrationManager";
+pub(crate) const LOG_STS: &str = "CCM_STS";
+pub(crate) const LOG_AUTH: &str = "ClientAuth";
+
+/// How long a whole request may take, body included; slow clients get 408.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a TLS handshake may take.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// An idle keep-alive connection is closed after this.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[derive(Debug, Clone)]
+pub struct MpOptions {
+    /// Where to listen, e.g. `127.0.0.1:8443` (port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// This MP's role ID; it must be listed by `cmg admin mp list`.
+    pub role_id: i64,
+    /// How long one request may take, body included ([`REQUEST_TIMEOUT`] by default).
+    pub request_timeout: Duration,
+}
+
+impl MpOptions {
+    pub fn new(listen: SocketAddr, role_id: i64) -> Self {
+        MpOptions {
+            listen,
+            role_id,
+            request_timeout: REQUEST_TIMEOUT,
+        }
+    }
+}
+
+/// A running management point. Dropping it does not stop it; call [`MpServer::shutdown`].
+pub struct MpServer {
+    local_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MpServer {
+    /// Starts serving. The site's state (`state`) must be kept current by [`crate::watch_state`].
+    pub async fn start(
+        site: Arc<Site>,
+        state: StateWatch,
+        options: MpOptions,
+    ) -> Result<MpServer, SiteError> {
+        if !state
+            .borrow()
+            .management_points
+            .iter()
+            .any(|m| m.role_id == options.role_id)
+        {
+            return Err(SiteError::UnknownMp(options.role_id));
+        }
+        let tls = mp_tls(site.data())?;
+        let listener = tokio::net::TcpListener::bind(options.listen)
+            .await
+            .map_err(SiteError::io("listen on", options.listen.to_string()))?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(SiteError::io("listen on", options.listen.to_string()))?;
+        let router = api::router(api::Mp::new(site, state), options.request_timeout);
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(conn::serve(
+            listener,
+            tls,
+            router,
+            stopped,
+            options.request_timeout,
+        ));
+        tracing::info!(target: LOG_REGISTRATION, "Management point {} listening on https://{local_addr}", options.role_id);
+        Ok(MpServer {
+            local_addr,
+            stop,
+            task,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops accepting, lets requests in flight finish (up to [`REQUEST_TIMEOUT`]), and returns.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+fn mp_tls(data: &DataDir) -> Result<tokio_rustls::TlsAcceptor, SiteError> {
+    let (crt, key) = data.credential(crate::layout::MANAGEMENT_POINT);
+    let read = |p: &std::path::Path| {
+        std::fs::read_to_string(p).map_err(SiteError::io("read", p.to_owned()))
+    };
+    let config = cmg_pki::tls::server_config(&read(&crt)?, &read(&key)?)?;
+    Ok(tokio_rustls::TlsAcceptor::from(config))
+}

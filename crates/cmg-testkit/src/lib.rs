@@ -1,0 +1,249 @@
+//! In-process harness for tests and benchmarks: a site with its management point on
+//! `127.0.0.1:0` over a fresh database, and devices with their own self-signed certificates
+//! talking to it over real TLS.
+//!
+//! Set-up failures panic: this crate is for tests. It must not be a dependency of any role.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cmg_pki::{Credential, KeyAlgorithm};
+use cmg_proto::mp::{self, RegistrationRequest};
+use cmg_site::mp::MpOptions;
+use cmg_site::{AdminService, DataDir, InitOptions, Site, SiteRunOptions, SiteServer, init_site};
+use cmg_store::testing::TestStore;
+use reqwest::StatusCode;
+use serde_json::Value;
+
+/// A site on a fresh database with its management point listening on loopback.
+pub struct TestSite {
+    pub data: DataDir,
+    pub db: TestStore,
+    server: Option<SiteServer>,
+    root_pem: String,
+    _dir: tempfile::TempDir,
+}
+
+impl TestSite {
+    /// Creates a site on `db` and starts its MP.
+    pub async fn start(db: TestStore) -> TestSite {
+        Self::start_with(db, |_| {}).await
+    }
+
+    /// As [`TestSite::start`], letting the test adjust the MP's options (time-outs).
+    pub async fn start_with(db: TestStore, adjust: impl FnOnce(&mut MpOptions)) -> TestSite {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data = DataDir::new(dir.path().join("site"));
+        init_site(InitOptions {
+            data: data.clone(),
+            site_code: "TST".parse().expect("site code"),
+            token_key: KeyAlgorithm::EcdsaP256,
+            db: Some(db.url().to_owned()),
+            actor: "testkit".into(),
+        })
+        .await
+        .expect("site init");
+        let mut options = SiteRunOptions::new("127.0.0.1:0".parse().expect("addr"));
+        adjust(&mut options.mp);
+        let server = SiteServer::start(data.clone(), options)
+            .await
+            .expect("site server");
+        let root_pem = std::fs::read_to_string(data.pki_dir().join("site-root.crt")).expect("root");
+        TestSite {
+            data,
+            db,
+            server: Some(server),
+            root_pem,
+            _dir: dir,
+        }
+    }
+
+    fn server(&self) -> &SiteServer {
+        self.server.as_ref().expect("the site server is running")
+    }
+
+    /// `https://127.0.0.1:PORT`, the MP's base URL.
+    pub fn mp_url(&self) -> String {
+        format!("https://{}", self.server().mp_addr())
+    }
+
+    pub fn mp_role_id(&self) -> i64 {
+        self.server().mp_role_id()
+    }
+
+    pub fn site(&self) -> &Arc<Site> {
+        self.server().site()
+    }
+
+    /// The site issuing root (PEM), which devices trust for the MP's certificate.
+    pub fn root_pem(&self) -> &str {
+        &self.root_pem
+    }
+
+    /// The admin service, as the CLI would open it: a separate handle on the same site.
+    pub async fn admin(&self) -> AdminService {
+        AdminService::open(self.data.clone(), "test-admin")
+            .await
+            .expect("admin service")
+    }
+
+    /// Waits until the running site has loaded every change made so far (it polls each second).
+    pub async fn settled(&self) {
+        let target = self
+            .site()
+            .store()
+            .change_version()
+            .await
+            .expect("change version");
+        let mut state = self.server().state().clone();
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            state.wait_for(|s| s.version >= target),
+        )
+        .await
+        .expect("the running site picks up changes within 5 s")
+        .expect("state watcher alive");
+    }
+
+    /// A device with a new self-signed certificate and this hardware ID.
+    pub fn device(&self, hardware_id: &str) -> TestDevice {
+        TestDevice::new(&self.root_pem, &self.mp_url(), hardware_id)
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(server) = self.server.take() {
+            server.shutdown().await;
+        }
+    }
+}
+
+/// A device: its certificate, its hardware ID and an HTTPS client presenting that certificate.
+pub struct TestDevice {
+    pub credential: Credential,
+    pub hardware_id: String,
+    pub base: String,
+    client: reqwest::Client,
+}
+
+/// An answer: the status and the JSON body (`Value::Null` when the body was not JSON).
+pub type Reply = (StatusCode, Value);
+
+impl TestDevice {
+    pub fn new(root_pem: &str, base: &str, hardware_id: &str) -> TestDevice {
+        let credential =
+            cmg_pki::self_signed_device(&format!("device-{hardware_id}"), KeyAlgorithm::EcdsaP256)
+                .expect("device certificate");
+        Self::with_credential(root_pem, base, hardware_id, credential)
+    }
+
+    pub fn with_credential(
+        root_pem: &str,
+        base: &str,
+        hardware_id: &str,
+        credential: Credential,
+    ) -> TestDevice {
+        let identity = format!("{}{}", credential.key_pem(), credential.cert_pem());
+        let client = reqwest::Client::builder()
+            .tls_certs_only(
+                [reqwest::Certificate::from_pem(root_pem.as_bytes()).expect("root pem")],
+            )
+            .identity(reqwest::Identity::from_pem(identity.as_bytes()).expect("identity"))
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("https client");
+        TestDevice {
+            credential,
+            hardware_id: hardware_id.to_owned(),
+            base: base.to_owned(),
+            client,
+        }
+    }
+
+    /// The same device (hardware ID) with a new certificate, as after a reinstall.
+    pub fn with_new_certificate(&self, root_pem: &str) -> TestDevice {
+        TestDevice::new(root_pem, &self.base, &self.hardware_id)
+    }
+
+    pub fn thumbprint(&self) -> String {
+        cmg_pki::thumbprint_sha256(self.credential.cert_der())
+    }
+
+    pub fn registration(&self) -> RegistrationRequest {
+        RegistrationRequest {
+            hardware_id: self.hardware_id.clone(),
+            hostname: format!("host-{}", self.hardware_id),
+            os: "Linux".into(),
+            agent_version: "5.00.9000.1000".into(),
+        }
+    }
+
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> Reply {
+        let response = request.send().await.expect("request reaches the MP");
+        let status = response.status();
+        let body = response.json::<Value>().await.unwrap_or(Value::Null);
+        (status, body)
+    }
+
+    fn with_bearer(
+        request: reqwest::RequestBuilder,
+        token: Option<&str>,
+    ) -> reqwest::RequestBuilder {
+        match token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    }
+
+    /// `POST /MP_ClientRegistration`, optionally with a bulk registration token.
+    pub async fn register(&self, bulk_token: Option<&str>) -> Reply {
+        let request = self
+            .client
+            .post(format!("{}{}", self.base, mp::REGISTRATION))
+            .json(&self.registration());
+        self.send(Self::with_bearer(request, bulk_token)).await
+    }
+
+    /// Registers and returns (client ID, client token); panics unless a token came back.
+    pub async fn register_ok(&self, bulk_token: Option<&str>) -> (String, String) {
+        let (status, body) = self.register(bulk_token).await;
+        assert_eq!(status, StatusCode::OK, "registration failed: {body}");
+        let id = body["client_id"].as_str().expect("client_id").to_owned();
+        let token = body["client_token"]
+            .as_str()
+            .expect("client_token")
+            .to_owned();
+        (id, token)
+    }
+
+    pub async fn renew(&self, token: Option<&str>) -> Reply {
+        let request = self
+            .client
+            .post(format!("{}{}", self.base, mp::TOKEN_RENEWAL));
+        self.send(Self::with_bearer(request, token)).await
+    }
+
+    pub async fn policy(&self, token: Option<&str>) -> Reply {
+        let request = self.client.get(format!("{}{}", self.base, mp::POLICY));
+        self.send(Self::with_bearer(request, token)).await
+    }
+
+    pub async fn location(&self) -> Reply {
+        self.send(
+            self.client
+                .get(format!("{}{}?MPLIST", self.base, mp::LOCATION)),
+        )
+        .await
+    }
+
+    pub async fn status(&self, token: &str, batch: &Value) -> Reply {
+        let request = self
+            .client
+            .post(format!("{}{}", self.base, mp::STATUS))
+            .json(batch);
+        self.send(request.bearer_auth(token)).await
+    }
+}
