@@ -2,25 +2,18 @@
 //! (`MP_RegistrationManager.log`, `CCM_STS.log`, …) in the CMTrace format that CMTrace and
 //! OneTrace open, rolled over by size to `<name>.lo_`.
 //!
-//! Code logs with ordinary `tracing` macros and a `target` equal to the component name, e.g.
-//! `tracing::info!(target: "CCM_STS", "…")`; [`CmTraceLayer`] sends each event whose target is a
-//! registered component to that component's file. Everything else (and these too) still goes to
-//! stderr through whatever other layer the binary installs.
+//! A role opens one [`ComponentLog`] per file in its own log directory and writes through it;
+//! each line also goes to `tracing` (target `cmg`, field `component`), so it reaches stderr too.
+//! Logs belong to the role instance, not to the process, so several roles (or several test
+//! sites) in one process each write their own files.
 //!
 //! This crate must not decide what is logged or filter secrets: callers never pass tokens, keys
 //! or passwords to a log macro.
 
-use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-
-use tracing::field::{Field, Visit};
-use tracing::{Event, Level, Subscriber};
-use tracing_subscriber::Layer;
-use tracing_subscriber::layer::Context;
 
 /// Roll a file over when it passes this size (ConfigMgr's default is far smaller; disks grew).
 pub const DEFAULT_MAX_BYTES: u64 = 5 * 1024 * 1024;
@@ -31,16 +24,6 @@ pub enum Severity {
     Info = 1,
     Warning = 2,
     Error = 3,
-}
-
-impl From<&Level> for Severity {
-    fn from(level: &Level) -> Self {
-        match *level {
-            Level::ERROR => Severity::Error,
-            Level::WARN => Severity::Warning,
-            _ => Severity::Info,
-        }
-    }
 }
 
 /// One component's log file. Cheap to clone; writes are serialised and flushed per line so a
@@ -167,68 +150,43 @@ fn thread_number() -> u64 {
         .unwrap_or(0)
 }
 
-/// A `tracing` layer that writes events whose target names a registered component to that
-/// component's [`LogFile`].
-#[derive(Default, Clone)]
-pub struct CmTraceLayer {
-    files: HashMap<&'static str, LogFile>,
+/// One component's log (e.g. `CCM_STS`): its CMTrace file plus an echo to `tracing`.
+#[derive(Clone, Debug)]
+pub struct ComponentLog {
+    file: LogFile,
 }
 
-impl CmTraceLayer {
-    /// Opens `<dir>/<component>.log` for each component.
-    pub fn open(dir: &Path, components: &[&'static str]) -> io::Result<Self> {
-        let mut files = HashMap::new();
-        for component in components {
-            files.insert(
-                *component,
-                LogFile::open(dir, component, DEFAULT_MAX_BYTES)?,
-            );
-        }
-        Ok(CmTraceLayer { files })
-    }
-}
-
-impl<S: Subscriber> Layer<S> for CmTraceLayer {
-    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
-        let Some(file) = self.files.get(event.metadata().target()) else {
-            return;
-        };
-        let mut visitor = MessageVisitor::default();
-        event.record(&mut visitor);
-        file.write(event.metadata().level().into(), &visitor.text);
-    }
-}
-
-/// The message first, then `name=value` for every other field.
-#[derive(Default)]
-struct MessageVisitor {
-    text: String,
-}
-
-impl Visit for MessageVisitor {
-    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        if field.name() == "message" {
-            let rest = std::mem::take(&mut self.text);
-            let _ = write!(self.text, "{value:?}");
-            self.text.push_str(&rest);
-        } else {
-            let _ = write!(self.text, " {}={value:?}", field.name());
-        }
+impl ComponentLog {
+    /// Opens (appending) `<dir>/<component>.log`.
+    pub fn open(dir: &Path, component: &str) -> io::Result<Self> {
+        Ok(ComponentLog {
+            file: LogFile::open(dir, component, DEFAULT_MAX_BYTES)?,
+        })
     }
 
-    fn record_str(&mut self, field: &Field, value: &str) {
-        if field.name() == "message" {
-            self.text.insert_str(0, value);
-        } else {
-            let _ = write!(self.text, " {}={value}", field.name());
-        }
+    pub fn path(&self) -> PathBuf {
+        self.file.path()
+    }
+
+    pub fn info(&self, message: &str) {
+        tracing::info!(target: "cmg", component = %self.file.component, "{message}");
+        self.file.write(Severity::Info, message);
+    }
+
+    pub fn warn(&self, message: &str) {
+        tracing::warn!(target: "cmg", component = %self.file.component, "{message}");
+        self.file.write(Severity::Warning, message);
+    }
+
+    pub fn error(&self, message: &str) {
+        tracing::error!(target: "cmg", component = %self.file.component, "{message}");
+        self.file.write(Severity::Error, message);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tracing_subscriber::layer::SubscriberExt;
 
     #[test]
     fn lines_follow_the_cmtrace_format() {
@@ -246,24 +204,27 @@ mod tests {
     }
 
     #[test]
-    fn events_are_routed_by_target_to_their_component_file() {
+    fn component_logs_write_their_own_file_with_severity() {
         let dir = tempfile::tempdir().unwrap();
-        let layer = CmTraceLayer::open(dir.path(), &["CCM_STS", "ClientAuth"]).unwrap();
-        let subscriber = tracing_subscriber::registry().with(layer);
-        tracing::subscriber::with_default(subscriber, || {
-            tracing::info!(target: "CCM_STS", client = "GUID:1", "Token renewed");
-            tracing::error!(target: "ClientAuth", "Refused: expired");
-            tracing::info!(target: "elsewhere", "not for a file");
-        });
+        let sts = ComponentLog::open(dir.path(), "CCM_STS").unwrap();
+        let auth = ComponentLog::open(dir.path(), "ClientAuth").unwrap();
+        sts.info("Token renewed for GUID:1");
+        auth.error("Refused: expired");
+        auth.warn("Refused: blocked");
         let sts = std::fs::read_to_string(dir.path().join("CCM_STS.log")).unwrap();
         assert!(
-            sts.starts_with("<![LOG[Token renewed client=GUID:1]LOG]!>"),
+            sts.starts_with("<![LOG[Token renewed for GUID:1]LOG]!>"),
             "{sts}"
         );
-        assert!(sts.contains("type=\"1\""));
+        assert!(sts.contains("component=\"CCM_STS\"") && sts.contains("type=\"1\""));
         let auth = std::fs::read_to_string(dir.path().join("ClientAuth.log")).unwrap();
-        assert!(auth.contains("Refused: expired") && auth.contains("type=\"3\""));
-        assert!(!sts.contains("not for a file") && !auth.contains("not for a file"));
+        assert_eq!(auth.lines().count(), 2);
+        assert!(
+            auth.contains("Refused: expired")
+                && auth.contains("type=\"3\"")
+                && auth.contains("type=\"2\"")
+        );
+        assert!(!sts.contains("Refused"));
     }
 
     #[test]

@@ -18,9 +18,6 @@ use crate::init::certificate_record;
 use crate::site::active_signer;
 use crate::{DataDir, Site, SiteError, SiteSettings, format_utc, unix_now};
 
-/// Log component (file `SMSProv.log`) of the admin service.
-pub(crate) const LOG: &str = "SMSProv";
-
 /// A bulk registration token lifetime in minutes: an integer from 1 to 10,080 (DESIGN §2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BulkTokenLifetime(u32);
@@ -204,8 +201,12 @@ impl AdminService {
             blocked: false,
         };
         self.site.store().record_bulk_token(&record).await?;
-        tracing::info!(target: LOG, "{} created bulk registration token {id}, valid from {} until {}",
-            self.actor, format_utc(record.valid_from), format_utc(record.valid_until));
+        self.site.logs().provider.info(&format!(
+            "{} created bulk registration token {id}, valid from {} until {}",
+            self.actor,
+            format_utc(record.valid_from),
+            format_utc(record.valid_until)
+        ));
         Ok(NewBulkToken { record, token })
     }
 
@@ -225,7 +226,10 @@ impl AdminService {
             .set_bulk_token_blocked(id, blocked, &self.actor)
             .await?;
         let verb = if blocked { "blocked" } else { "unblocked" };
-        tracing::info!(target: LOG, "{} {verb} bulk registration token {id}", self.actor);
+        self.site.logs().provider.info(&format!(
+            "{} {verb} bulk registration token {id}",
+            self.actor
+        ));
         Ok(record)
     }
 
@@ -314,8 +318,10 @@ impl AdminService {
                 )
                 .await?;
         }
-        tracing::info!(target: LOG, "{} added token signing certificate {}; previous ones retire after their tokens expire",
-            self.actor, record.thumbprint_sha256);
+        self.site.logs().provider.info(&format!(
+            "{} added token signing certificate {}; previous ones retire after their tokens expire",
+            self.actor, record.thumbprint_sha256
+        ));
         Ok(record)
     }
 
@@ -338,8 +344,10 @@ impl AdminService {
         store
             .set_certificate_status(&cert.thumbprint_sha256, CertStatus::Retired, &self.actor)
             .await?;
-        tracing::warn!(target: LOG, "{} retired token signing certificate {}; tokens it signed no longer verify",
-            self.actor, cert.thumbprint_sha256);
+        self.site.logs().provider.warn(&format!(
+            "{} retired token signing certificate {}; tokens it signed no longer verify",
+            self.actor, cert.thumbprint_sha256
+        ));
         Ok(())
     }
 
@@ -388,7 +396,10 @@ impl AdminService {
             .set_device_blocked(&id, blocked, &self.actor)
             .await?;
         let verb = if blocked { "blocked" } else { "unblocked" };
-        tracing::info!(target: LOG, "{} {verb} device {id}", self.actor);
+        self.site
+            .logs()
+            .provider
+            .info(&format!("{} {verb} device {id}", self.actor));
         Ok(device)
     }
 
@@ -396,7 +407,10 @@ impl AdminService {
     pub async fn approve_device(&self, client_id: &str) -> Result<DeviceRecord, SiteError> {
         let id = parse_client_id(client_id)?;
         let device = self.site.store().approve_device(&id, &self.actor).await?;
-        tracing::info!(target: LOG, "{} approved device {id}", self.actor);
+        self.site
+            .logs()
+            .provider
+            .info(&format!("{} approved device {id}", self.actor));
         Ok(device)
     }
 
@@ -416,7 +430,10 @@ impl AdminService {
             .store()
             .merge_device_conflict(&id, &self.actor)
             .await?;
-        tracing::info!(target: LOG, "{} merged conflicting record {id} into {}", self.actor, merged.client_id);
+        self.site.logs().provider.info(&format!(
+            "{} merged conflicting record {id} into {}",
+            self.actor, merged.client_id
+        ));
         Ok(merged)
     }
 
@@ -430,7 +447,10 @@ impl AdminService {
         let store = self.site.store();
         let value = SiteSettings::validate_change(&store.settings().await?, name, value)?;
         store.set_setting(name, &value, &self.actor).await?;
-        tracing::info!(target: LOG, "{} set {name} = {value}", self.actor);
+        self.site
+            .logs()
+            .provider
+            .info(&format!("{} set {name} = {value}", self.actor));
         Ok(value)
     }
 
@@ -457,7 +477,10 @@ impl AdminService {
             .store()
             .add_management_point(&record, &self.actor)
             .await?;
-        tracing::info!(target: LOG, "{} added management point {} ({})", self.actor, record.role_id, record.url);
+        self.site.logs().provider.info(&format!(
+            "{} added management point {} ({})",
+            self.actor, record.role_id, record.url
+        ));
         Ok(record)
     }
 
@@ -473,7 +496,16 @@ impl AdminService {
             .store()
             .set_management_point(role_id, url.as_deref(), allow_cmg_traffic, &self.actor)
             .await?;
-        tracing::info!(target: LOG, "{} changed management point {role_id}: {} (CMG traffic {})", self.actor, record.url, if record.allow_cmg_traffic { "allowed" } else { "not allowed" });
+        self.site.logs().provider.info(&format!(
+            "{} changed management point {role_id}: {} (CMG traffic {})",
+            self.actor,
+            record.url,
+            if record.allow_cmg_traffic {
+                "allowed"
+            } else {
+                "not allowed"
+            }
+        ));
         Ok(record)
     }
 }

@@ -25,15 +25,11 @@ pub use init::{InitOptions, SiteCode, init_site};
 pub use layout::{DataDir, SiteConfig};
 pub use server::{CHANGE_POLL, DEFAULT_MP_LISTEN, SiteRunOptions, SiteServer};
 pub use settings::{ApprovalMode, ConflictHandling, SiteSettings};
-pub use site::Site;
+pub use site::{Site, SiteLogs};
 pub use state::{SiteState, StateWatch, watch_state};
 
 pub use cmg_pki::KeyAlgorithm;
 pub use cmg_store::{AuditEntry, BulkTokenRecord, DeviceConflict, DeviceRecord, MpRecord};
-
-/// The site's log files (DESIGN §10), each fed by `tracing` events with that target.
-/// `SMSProv` records every admin operation, as the SMS Provider does in ConfigMgr.
-pub const LOG_COMPONENTS: &[&str] = &[admin::LOG, mp::LOG_REGISTRATION, mp::LOG_STS, mp::LOG_AUTH];
 
 /// Seconds since the Unix epoch, the unit of every timestamp the site stores.
 pub fn unix_now() -> i64 {

@@ -1,11 +1,40 @@
 //! An initialised site, opened: its configuration, database and token keys, each parsed once.
 
+use cmg_log::ComponentLog;
 use cmg_pki::SiteAuthority;
 use cmg_store::{CertPurpose, CertStatus, CertificateRecord, SiteRecord, Store};
 use cmg_token::{SigningKey, TokenIssuer, TokenVerifier, VerificationKey};
 
 use crate::layout::SITE_ROOT;
 use crate::{DataDir, SiteConfig, SiteError, unix_now};
+
+/// The site's log files (DESIGN §10), in CMTrace format under `logs/`.
+#[derive(Debug, Clone)]
+pub struct SiteLogs {
+    /// `SMSProv.log`: every admin operation, as ConfigMgr's SMS Provider logs them.
+    pub provider: ComponentLog,
+    /// `MP_RegistrationManager.log`: registrations.
+    pub registration: ComponentLog,
+    /// `CCM_STS.log`: token renewals.
+    pub sts: ComponentLog,
+    /// `ClientAuth.log`: every refused device, with the rule that failed.
+    pub auth: ComponentLog,
+}
+
+impl SiteLogs {
+    fn open(dir: &std::path::Path) -> Result<Self, SiteError> {
+        let open = |component: &str| {
+            ComponentLog::open(dir, component)
+                .map_err(SiteError::io("open the log in", dir.to_owned()))
+        };
+        Ok(SiteLogs {
+            provider: open("SMSProv")?,
+            registration: open("MP_RegistrationManager")?,
+            sts: open("CCM_STS")?,
+            auth: open("ClientAuth")?,
+        })
+    }
+}
 
 /// A site as the admin service and the roles use it.
 #[derive(Debug)]
@@ -14,6 +43,7 @@ pub struct Site {
     record: SiteRecord,
     store: Store,
     issuer: TokenIssuer,
+    logs: SiteLogs,
 }
 
 impl Site {
@@ -37,11 +67,13 @@ impl Site {
         }
         let certificates = store.certificates().await?;
         let issuer = load_issuer(&data, &record, &certificates)?;
+        let logs = SiteLogs::open(&data.logs_dir())?;
         Ok(Site {
             data,
             record,
             store,
             issuer,
+            logs,
         })
     }
 
@@ -54,6 +86,10 @@ impl Site {
     pub fn store(&self) -> &Store {
         &self.store
     }
+    pub fn logs(&self) -> &SiteLogs {
+        &self.logs
+    }
+
     /// Mints with the current signing key.
     pub fn issuer(&self) -> &TokenIssuer {
         &self.issuer

@@ -22,14 +22,7 @@ fn main() -> ExitCode {
     };
     let cli = Cli::parse_from(args);
     let data = cmg_site::DataDir::new(&cli.data);
-    // `site init` makes the log directory itself, with the site's permissions.
-    let site_logs = (!matches!(cli.command, Command::Site(cli::SiteCommand::Init(_)))
-        && data.config_file().exists())
-    .then(|| data.logs_dir());
-    if let Err(e) = init_tracing(site_logs.as_deref()) {
-        eprintln!("error: cannot open the log files: {e}");
-        return ExitCode::FAILURE;
-    }
+    init_tracing();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -58,22 +51,14 @@ async fn run(cli: Cli, data: cmg_site::DataDir) -> anyhow::Result<()> {
 }
 
 /// Diagnostics go to stderr (level from `CMG_LOG`, default `warn`), so that stdout carries only
-/// what scripts parse; the site's component logs also go to their CMTrace files (DESIGN §10).
-fn init_tracing(site_logs: Option<&std::path::Path>) -> std::io::Result<()> {
-    use tracing_subscriber::prelude::*;
+/// what scripts parse. The roles' own log files (DESIGN §10) are written by the roles.
+fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CMG_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let stderr = tracing_subscriber::fmt::layer()
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_filter(filter);
-    let files = site_logs
-        .map(|dir| cmg_log::CmTraceLayer::open(dir, cmg_site::LOG_COMPONENTS))
-        .transpose()?;
-    tracing_subscriber::registry()
-        .with(stderr)
-        .with(files)
         .init();
-    Ok(())
 }
 
 /// The OS account running the command, recorded in the audit log as the admin who acted.

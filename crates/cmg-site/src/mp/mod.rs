@@ -24,11 +24,6 @@ use crate::{DataDir, Site, SiteError, StateWatch};
 
 pub use api::MAX_BODY_BYTES;
 
-/// Log components of the management point (DESIGN §10).
-pub(crate) const LOG_REGISTRATION: &str = "MP_RegistrationManager";
-pub(crate) const LOG_STS: &str = "CCM_STS";
-pub(crate) const LOG_AUTH: &str = "ClientAuth";
-
 /// How long a whole request may take, body included; slow clients get 408.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a TLS handshake may take.
@@ -85,7 +80,10 @@ impl MpServer {
         let local_addr = listener
             .local_addr()
             .map_err(SiteError::io("listen on", options.listen.to_string()))?;
-        let router = api::router(api::Mp::new(site, state), options.request_timeout);
+        let router = api::router(
+            api::Mp::new(Arc::clone(&site), state),
+            options.request_timeout,
+        );
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(conn::serve(
             listener,
@@ -94,7 +92,10 @@ impl MpServer {
             stopped,
             options.request_timeout,
         ));
-        tracing::info!(target: LOG_REGISTRATION, "Management point {} listening on https://{local_addr}", options.role_id);
+        site.logs().registration.info(&format!(
+            "Management point {} listening on https://{local_addr}",
+            options.role_id
+        ));
         Ok(MpServer {
             local_addr,
             stop,

@@ -20,7 +20,7 @@ use cmg_token::ClientTokenRequest;
 use uuid::Uuid;
 
 use super::api::{ApiError, Caller, Mp, Relayed};
-use super::{LOG_REGISTRATION, tokens};
+use super::tokens;
 use crate::{ApprovalMode, ConflictHandling, format_utc, unix_now};
 
 /// Who the audit log names for changes a registration makes.
@@ -45,7 +45,7 @@ pub(crate) async fn register(
             let claims = state
                 .verifier
                 .verify_bulk(token, now, &state.revocations)
-                .map_err(|r| tokens::refused(&r, caller))?;
+                .map_err(|r| tokens::refused(mp, &r, caller))?;
             let id = Uuid::parse_str(&claims.unique_id)
                 .map_err(|_| ApiError::bad_request("the bulk token's UniqueId is not a GUID"))?;
             (RegisteredVia::BulkRegistration, Some(id))
@@ -90,13 +90,13 @@ pub(crate) async fn register(
             .await
     };
     let device = if let Some(same) = known.iter().find(|d| &d.cert_thumbprint == thumbprint) {
-        refuse_blocked(same)?;
+        refuse_blocked(mp, same)?;
         update(same.client_id.clone()).await?
     } else if let Some(other) = known.iter().max_by_key(|d| d.registered_at) {
         match state.settings.conflicts {
             ConflictHandling::TakeOver => {
-                refuse_blocked(other)?;
-                tracing::warn!(target: LOG_REGISTRATION, "Hardware ID of {} registered with a new certificate {thumbprint} ({}); the new certificate takes over the client ID as the site's conflicting-records setting says; tokens of the old certificate are no longer accepted", other.client_id, caller.via.describe());
+                refuse_blocked(mp, other)?;
+                mp.site.logs().registration.warn(&format!("Hardware ID of {} registered with a new certificate {thumbprint} ({}); the new certificate takes over the client ID as the site's conflicting-records setting says; tokens of the old certificate are no longer accepted", other.client_id, caller.via.describe()));
                 update(other.client_id.clone()).await?
             }
             ConflictHandling::NewRecord => {
@@ -111,7 +111,7 @@ pub(crate) async fn register(
                 store
                     .insert_conflicting_device(device.clone(), &other.client_id)
                     .await?;
-                tracing::warn!(target: LOG_REGISTRATION, "Conflicting record: hardware ID of {} registered with another certificate; created {} — review with `cmg admin device conflicts`", other.client_id, device.client_id);
+                mp.site.logs().registration.warn(&format!("Conflicting record: hardware ID of {} registered with another certificate; created {} — review with `cmg admin device conflicts`", other.client_id, device.client_id));
                 device
             }
         }
@@ -129,7 +129,13 @@ pub(crate) async fn register(
     };
 
     if !device.approved {
-        tracing::info!(target: LOG_REGISTRATION, "Registered {} ({}, {}) via {}; waiting for approval", device.client_id, request.hostname, registered_via.as_str(), caller.via.describe());
+        mp.site.logs().registration.info(&format!(
+            "Registered {} ({}, {}) via {}; waiting for approval",
+            device.client_id,
+            request.hostname,
+            registered_via.as_str(),
+            caller.via.describe()
+        ));
         return Ok(RegistrationResponse {
             client_id: device.client_id,
             approval: Approval::Pending,
@@ -152,7 +158,14 @@ pub(crate) async fn register(
             validity_secs: i64::try_from(state.settings.token_validity_secs).unwrap_or(i64::MAX),
         })
         .map_err(ApiError::internal)?;
-    tracing::info!(target: LOG_REGISTRATION, "Successfully registered {} ({}, {}) via {}; client token valid until {}", device.client_id, request.hostname, registered_via.as_str(), caller.via.describe(), format_utc(claims.exp));
+    mp.site.logs().registration.info(&format!(
+        "Successfully registered {} ({}, {}) via {}; client token valid until {}",
+        device.client_id,
+        request.hostname,
+        registered_via.as_str(),
+        caller.via.describe(),
+        format_utc(claims.exp)
+    ));
     Ok(RegistrationResponse {
         client_id: device.client_id,
         approval: Approval::Approved,
@@ -161,9 +174,12 @@ pub(crate) async fn register(
     })
 }
 
-fn refuse_blocked(device: &DeviceRecord) -> Result<(), ApiError> {
+fn refuse_blocked(mp: &Mp, device: &DeviceRecord) -> Result<(), ApiError> {
     if device.blocked {
-        tracing::warn!(target: LOG_REGISTRATION, "Refused registration of blocked device {}", device.client_id);
+        mp.site.logs().registration.warn(&format!(
+            "Refused registration of blocked device {}",
+            device.client_id
+        ));
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "Device_Blocked",

@@ -10,7 +10,6 @@ use cmg_token::{ClientTokenRequest, Refusal};
 use uuid::Uuid;
 
 use super::api::{ApiError, Caller, Mp, Relayed};
-use super::{LOG_AUTH, LOG_STS};
 use crate::{format_utc, unix_now};
 
 /// A client token verified on a connection, with what it was verified against.
@@ -26,15 +25,14 @@ const REGISTER_AGAIN: &str =
     "connect to a management point on the internal network to register again";
 
 /// The answer to a refused token, logged in `ClientAuth.log` with the rule that failed.
-pub(crate) fn refused(refusal: &Refusal, caller: &Caller) -> ApiError {
-    tracing::warn!(
-        target: LOG_AUTH,
+pub(crate) fn refused(mp: &Mp, refusal: &Refusal, caller: &Caller) -> ApiError {
+    mp.site.logs().auth.warn(&format!(
         "Refused a token from {} ({}), certificate {}: {refusal} [rule {}]",
         caller.peer.remote,
         caller.via.describe(),
         caller.thumbprint.as_deref().unwrap_or("none"),
         refusal.rule()
-    );
+    ));
     let (status, code, action) = match refusal {
         Refusal::Expired { .. } => (StatusCode::UNAUTHORIZED, "Token_Expired", REGISTER_AGAIN),
         Refusal::DeviceBlocked(_) => (
@@ -72,13 +70,18 @@ pub(crate) fn refused(refusal: &Refusal, caller: &Caller) -> ApiError {
 }
 
 fn auth_error(
+    mp: &Mp,
     caller: &Caller,
     status: StatusCode,
     code: &str,
     message: String,
     action: &str,
 ) -> ApiError {
-    tracing::warn!(target: LOG_AUTH, "Refused {} ({}): {message}", caller.peer.remote, caller.via.describe());
+    mp.site.logs().auth.warn(&format!(
+        "Refused {} ({}): {message}",
+        caller.peer.remote,
+        caller.via.describe()
+    ));
     ApiError::new(status, code, message, action)
 }
 
@@ -94,6 +97,7 @@ pub(crate) async fn authenticate(
         .ok_or_else(ApiError::certificate_required)?;
     let token = caller.bearer.as_deref().ok_or_else(|| {
         auth_error(
+            mp,
             caller,
             StatusCode::UNAUTHORIZED,
             "Invalid_Token",
@@ -107,6 +111,7 @@ pub(crate) async fn authenticate(
         .is_some_and(|r| *r != Relayed::Token)
     {
         return Err(auth_error(
+            mp,
             caller,
             StatusCode::UNAUTHORIZED,
             "Wrong_Token_Type",
@@ -123,9 +128,10 @@ pub(crate) async fn authenticate(
     let claims = state
         .verifier
         .verify_client(token, thumbprint, now, &state.revocations)
-        .map_err(|r| refused(&r, caller))?;
+        .map_err(|r| refused(mp, &r, caller))?;
     let device = mp.site.store().device(&claims.sub).await?.ok_or_else(|| {
         auth_error(
+            mp,
             caller,
             StatusCode::UNAUTHORIZED,
             "Unknown_Client",
@@ -135,6 +141,7 @@ pub(crate) async fn authenticate(
     })?;
     if device.blocked {
         return Err(auth_error(
+            mp,
             caller,
             StatusCode::FORBIDDEN,
             "Device_Blocked",
@@ -144,6 +151,7 @@ pub(crate) async fn authenticate(
     }
     if device.cert_thumbprint != thumbprint {
         return Err(auth_error(
+            mp,
             caller,
             StatusCode::UNAUTHORIZED,
             "Token_Superseded",
@@ -153,6 +161,7 @@ pub(crate) async fn authenticate(
     }
     if !device.approved {
         return Err(auth_error(
+            mp,
             caller,
             StatusCode::FORBIDDEN,
             "Approval_Pending",
@@ -217,13 +226,12 @@ pub(crate) async fn renew(mp: &Mp, caller: &Caller) -> Result<RenewalResponse, A
             validity_secs: i64::try_from(validity).unwrap_or(i64::MAX),
         })
         .map_err(ApiError::internal)?;
-    tracing::info!(
-        target: LOG_STS,
+    mp.site.logs().sts.info(&format!(
         "Renewed the client token of {} ({}); the new token expires {}",
         claims.sub,
         caller.via.describe(),
         format_utc(minted.exp)
-    );
+    ));
     Ok(RenewalResponse {
         client_token: token.expose().to_owned(),
         token_expires: minted.exp,
