@@ -121,6 +121,7 @@ pub const LEAF_VALIDITY: Duration = Duration::days(2 * 365);
 const BACKDATE: Duration = Duration::minutes(10);
 
 /// A certificate with its private key. `Debug` never shows the key.
+#[derive(Clone)]
 pub struct Credential {
     cert_der: Vec<u8>,
     cert_pem: String,

@@ -159,6 +159,17 @@ impl TestDevice {
         }
     }
 
+    /// Another device (hardware ID) sharing this one's certificate and connection pool: a cheap
+    /// way for benchmarks to register many devices over a few keep-alive connections.
+    pub fn with_hardware_id(&self, hardware_id: &str) -> TestDevice {
+        TestDevice {
+            credential: self.credential.clone(),
+            hardware_id: hardware_id.to_owned(),
+            base: self.base.clone(),
+            client: self.client.clone(),
+        }
+    }
+
     /// The same device (hardware ID) with a new certificate, as after a reinstall.
     pub fn with_new_certificate(&self, root_pem: &str) -> TestDevice {
         TestDevice::new(root_pem, &self.base, &self.hardware_id)
@@ -182,10 +193,16 @@ impl TestDevice {
     }
 
     async fn send(&self, request: reqwest::RequestBuilder) -> Reply {
-        let response = request.send().await.expect("request reaches the MP");
+        Self::try_send(request)
+            .await
+            .expect("request reaches the MP")
+    }
+
+    async fn try_send(request: reqwest::RequestBuilder) -> reqwest::Result<Reply> {
+        let response = request.send().await?;
         let status = response.status();
         let body = response.json::<Value>().await.unwrap_or(Value::Null);
-        (status, body)
+        Ok((status, body))
     }
 
     fn with_bearer(
@@ -200,11 +217,18 @@ impl TestDevice {
 
     /// `POST /MP_ClientRegistration`, optionally with a bulk registration token.
     pub async fn register(&self, bulk_token: Option<&str>) -> Reply {
+        self.try_register(bulk_token)
+            .await
+            .expect("request reaches the MP")
+    }
+
+    /// As [`TestDevice::register`], but an unreachable MP is an error, not a panic.
+    pub async fn try_register(&self, bulk_token: Option<&str>) -> reqwest::Result<Reply> {
         let request = self
             .client
             .post(format!("{}{}", self.base, mp::REGISTRATION))
             .json(&self.registration());
-        self.send(Self::with_bearer(request, bulk_token)).await
+        Self::try_send(Self::with_bearer(request, bulk_token)).await
     }
 
     /// Registers and returns (client ID, client token); panics unless a token came back.
