@@ -138,6 +138,14 @@ impl fmt::Debug for Credential {
 }
 
 impl Credential {
+    fn new(cert: &rcgen::Certificate, key: &KeyPair) -> Self {
+        Credential {
+            cert_der: cert.der().to_vec(),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+
     pub fn cert_der(&self) -> &[u8] {
         &self.cert_der
     }
@@ -182,11 +190,7 @@ impl SiteAuthority {
                 what: "site root",
                 source,
             })?;
-        let credential = Credential {
-            cert_der: cert.der().to_vec(),
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        };
+        let credential = Credential::new(&cert, &key);
         Ok(SiteAuthority {
             credential,
             issuer: Issuer::new(params, key),
@@ -259,11 +263,7 @@ impl SiteAuthority {
                     what: role.label(),
                     source,
                 })?;
-        Ok(Credential {
-            cert_der: cert.der().to_vec(),
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        })
+        Ok(Credential::new(&cert, &key))
     }
 }
 
@@ -288,11 +288,7 @@ pub fn self_signed_device(common_name: &str, alg: KeyAlgorithm) -> Result<Creden
             what: "device",
             source,
         })?;
-    Ok(Credential {
-        cert_der: cert.der().to_vec(),
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-    })
+    Ok(Credential::new(&cert, &key))
 }
 
 fn name(common_name: &str, site_code: &str) -> DistinguishedName {

@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 pub mod mp;
+pub mod tunnel;
 
 /// `aud` of every token the site issues.
 pub const AUDIENCE: &str = "urn:sccm:service";

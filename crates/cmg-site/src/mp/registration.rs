@@ -89,6 +89,16 @@ pub(crate) async fn register(
             )
             .await
     };
+    let fresh = || {
+        new_device(
+            request,
+            thumbprint,
+            registered_via,
+            bulk_token_id,
+            state.settings.approval,
+            now,
+        )
+    };
     let device = if let Some(same) = known.iter().find(|d| &d.cert_thumbprint == thumbprint) {
         refuse_blocked(mp, same)?;
         update(same.client_id.clone()).await?
@@ -100,14 +110,7 @@ pub(crate) async fn register(
                 update(other.client_id.clone()).await?
             }
             ConflictHandling::NewRecord => {
-                let device = new_device(
-                    request,
-                    thumbprint,
-                    registered_via,
-                    bulk_token_id,
-                    state.settings.approval,
-                    now,
-                );
+                let device = fresh();
                 store
                     .insert_conflicting_device(device.clone(), &other.client_id)
                     .await?;
@@ -116,14 +119,7 @@ pub(crate) async fn register(
             }
         }
     } else {
-        let device = new_device(
-            request,
-            thumbprint,
-            registered_via,
-            bulk_token_id,
-            state.settings.approval,
-            now,
-        );
+        let device = fresh();
         store.insert_device(device.clone()).await?;
         device
     };

@@ -1,0 +1,56 @@
+//! The tunnel between a gateway instance and a connection point (DESIGN §6).
+//!
+//! The connection point dials **out** over TLS to the gateway's tunnel port with its
+//! site-issued certificate. On that connection the roles are reversed: the connection point is
+//! the HTTP/2 *server*, the gateway the HTTP/2 *client*. Over it the gateway sends
+//!
+//! - device requests, unchanged in method, path (`/CCM_Proxy_MutualAuth/<role ID>/<endpoint>`),
+//!   query and body, plus the relay headers of [`crate::mp::relay`] naming what it verified;
+//! - `GET` [`SETTINGS`]`?after=<version>`: a long poll answered with [`GatewaySettings`] as soon
+//!   as the site's settings version is greater than `after` (at once when `after` is absent),
+//!   or `204 No Content` after [`LONG_POLL_SECS`];
+//! - `GET` [`HEALTH`]: `200` while the connection point can reach a management point.
+
+use serde::{Deserialize, Serialize};
+
+/// Long poll for the CMG's settings.
+pub const SETTINGS: &str = "/_cmg/settings";
+/// Health of the connection point behind this tunnel.
+pub const HEALTH: &str = "/_cmg/health";
+/// How long a settings long poll waits before answering 204.
+pub const LONG_POLL_SECS: u64 = 25;
+
+/// Route prefixes a device uses through a gateway (DESIGN §5.1); both mean the same.
+pub const PROXY_PREFIXES: [&str; 2] = ["/CCM_Proxy_MutualAuth/", "/CCM_Proxy_ServerAuth/"];
+/// Answered by the gateway itself, without authentication.
+pub const SERVICE_METADATA: &str = "/CCM_Proxy_MutualAuth/ServiceMetadata";
+
+/// Everything a gateway instance needs to authenticate devices and route their requests. It
+/// holds no device data and no secret: only public keys, certificates and identifiers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewaySettings {
+    /// The site's change version these settings were built from.
+    pub version: i64,
+    /// The CMG's name.
+    pub cmg: String,
+    /// Hierarchy GUID: the tokens' `TenantId` and issuer.
+    pub hierarchy_id: String,
+    /// The site's token verification keys (a JWKS document).
+    pub jwks: serde_json::Value,
+    /// `UniqueId`s of blocked bulk registration tokens.
+    pub blocked_bulk_tokens: Vec<String>,
+    /// Client IDs of blocked devices.
+    pub blocked_devices: Vec<String>,
+    /// Endpoints devices may reach through the gateway, e.g. `/CCM_STS` (DESIGN §5.2); anything
+    /// else is refused with 404 at the gateway.
+    pub url_map: Vec<String>,
+    /// MP role IDs that accept CMG traffic.
+    pub management_points: Vec<i64>,
+    /// PEM certificates (roots and intermediates) that PKI client certificates must chain to.
+    pub trusted_cas: Vec<String>,
+    /// Check PKI client certificates against CRLs.
+    pub crl_check: bool,
+    /// `"1.2"` or `"1.3"`.
+    pub min_tls: String,
+}
