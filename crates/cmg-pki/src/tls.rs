@@ -107,3 +107,43 @@ pub fn server_config(cert_pem: &str, key_pem: &str) -> Result<Arc<ServerConfig>,
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
+
+/// A client configuration presenting this certificate chain and key (PEM), trusting only the
+/// given root certificates (PEM) for the server, speaking HTTP/2: the connection point's side
+/// of a tunnel (DESIGN §6).
+pub fn client_config(
+    cert_pem: &str,
+    key_pem: &str,
+    roots_pem: &[&str],
+    alpn: &[&[u8]],
+) -> Result<Arc<rustls::ClientConfig>, PkiError> {
+    let invalid = |what: &str, e: &dyn std::fmt::Display| PkiError::InvalidCertificate {
+        what: what.into(),
+        reason: e.to_string(),
+    };
+    let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid("the client certificate", &e))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| {
+        PkiError::InvalidKeyFile {
+            what: "the client key".into(),
+            reason: e.to_string(),
+        }
+    })?;
+    let mut roots = rustls::RootCertStore::empty();
+    for pem in roots_pem {
+        for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+            let cert = cert.map_err(|e| invalid("a trusted root", &e))?;
+            roots.add(cert).map_err(|e| invalid("a trusted root", &e))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| invalid("the TLS configuration", &e))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| invalid("the client certificate and key", &e))?;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(config))
+}

@@ -16,6 +16,10 @@ pub const STATUS: &str = "/ccm_system/request";
 /// `GET`: the site's token verification keys.
 pub const JWKS: &str = "/.well-known/jwks.json";
 
+/// The endpoints a gateway may relay (the site's published URL map, DESIGN §5.1).
+pub const GATEWAY_URL_MAP: [&str; 6] =
+    [REGISTRATION, TOKEN_RENEWAL, LOCATION, POLICY, STATUS, JWKS];
+
 /// What a device says about itself when it registers. Its certificate comes from TLS.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

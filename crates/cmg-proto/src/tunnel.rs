@@ -54,3 +54,42 @@ pub struct GatewaySettings {
     /// `"1.2"` or `"1.3"`.
     pub min_tls: String,
 }
+
+/// Splits `/CCM_Proxy_MutualAuth/<role ID>/<endpoint>` (or `…ServerAuth…`) into the role ID and
+/// the endpoint with its leading `/`. `None` for any other path.
+pub fn split_proxy_path(path: &str) -> Option<(i64, &str)> {
+    let rest = PROXY_PREFIXES.iter().find_map(|p| path.strip_prefix(p))?;
+    let slash = rest.find('/')?;
+    let (role, endpoint) = rest.split_at(slash);
+    if role.is_empty() || !role.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((role.parse().ok()?, endpoint))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_proxy_path;
+
+    #[test]
+    fn proxy_paths_split_into_role_and_endpoint() {
+        assert_eq!(
+            split_proxy_path("/CCM_Proxy_MutualAuth/72186325152220500/CCM_STS"),
+            Some((72186325152220500, "/CCM_STS"))
+        );
+        assert_eq!(
+            split_proxy_path("/CCM_Proxy_ServerAuth/1/SMS_MP/.sms_aut"),
+            Some((1, "/SMS_MP/.sms_aut"))
+        );
+        for bad in [
+            "/CCM_Proxy_MutualAuth/ServiceMetadata",
+            "/CCM_Proxy_MutualAuth/12",
+            "/CCM_Proxy_MutualAuth//CCM_STS",
+            "/CCM_Proxy_MutualAuth/-1/CCM_STS",
+            "/CCM_Proxy_MutualAuth/99999999999999999999/CCM_STS",
+            "/CCM_STS",
+        ] {
+            assert_eq!(split_proxy_path(bad), None, "{bad}");
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! The connection point (DESIGN §6): dials **out** from the site to every gateway instance's
+//! tunnel port with the site-issued connection point certificate, and on each tunnel serves
+//! HTTP/2 — roles reversed — so that device requests reach the site without the site accepting
+//! a single inbound internet connection.
+//!
+//! On a tunnel it answers the gateway's settings long poll from the site's state, and relays
+//! device requests to the management point named in the URL (if it allows CMG traffic), over
+//! mutual TLS with the connection point certificate, passing on the identity the gateway
+//! verified. Each tunnel is watched with HTTP/2 pings; a lost tunnel is dialled again with
+//! backoff and jitter.
+//!
+//! It must not authenticate devices (the gateway does, and the MP again) nor store anything.
+
+mod relay;
+mod tunnel;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use cmg_log::ComponentLog;
+use cmg_site::{Site, StateWatch};
+use tokio::sync::watch;
+
+/// A gateway instance to keep a tunnel to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunnelTarget {
+    /// The instance's tunnel address (DESIGN §2: port 10140 + instance − 1).
+    pub addr: SocketAddr,
+    /// The name its server certificate carries (the CMG's FQDN).
+    pub server_name: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct ConnectorOptions {
+    /// The CMG this connection point serves.
+    pub cmg: String,
+    pub targets: Vec<TunnelTarget>,
+    /// PEM roots that the gateways' server certificates chain to.
+    pub gateway_roots: Vec<String>,
+    /// Log `Switched to internal URL …` for every relayed request.
+    pub verbose: bool,
+    /// Longest wait between two attempts to dial a lost tunnel.
+    pub max_backoff: Duration,
+}
+
+impl ConnectorOptions {
+    pub fn new(cmg: &str, targets: Vec<TunnelTarget>, gateway_roots: Vec<String>) -> Self {
+        ConnectorOptions {
+            cmg: cmg.to_owned(),
+            targets,
+            gateway_roots,
+            verbose: false,
+            max_backoff: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectorError {
+    #[error("cannot read the connection point certificate {path}: {source}")]
+    Credential {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Pki(#[from] cmg_pki::PkiError),
+    #[error("cannot build the HTTPS client for the management points: {0}")]
+    Client(String),
+    #[error("cannot open the connection point log in {path}: {source}")]
+    Log {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// A running connection point. Stop it with [`Connector::shutdown`].
+pub struct Connector {
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    live: Arc<AtomicUsize>,
+}
+
+impl Connector {
+    pub async fn start(
+        site: Arc<Site>,
+        state: StateWatch,
+        options: ConnectorOptions,
+    ) -> Result<Connector, ConnectorError> {
+        let data = site.data();
+        let (crt, key) = data.credential("connection-point");
+        let read = |p: &std::path::Path| {
+            std::fs::read_to_string(p).map_err(|source| ConnectorError::Credential {
+                path: p.display().to_string(),
+                source,
+            })
+        };
+        let (cert_pem, key_pem) = (read(&crt)?, read(&key)?);
+        let site_root = read(&data.pki_dir().join("site-root.crt"))?;
+        let roots: Vec<&str> = options.gateway_roots.iter().map(String::as_str).collect();
+        let tls = cmg_pki::tls::client_config(&cert_pem, &key_pem, &roots, &[b"h2"])?;
+        let log =
+            ComponentLog::open(&data.logs_dir(), "SMS_Cloud_ProxyConnector").map_err(|source| {
+                ConnectorError::Log {
+                    path: data.logs_dir().display().to_string(),
+                    source,
+                }
+            })?;
+        let mp_client = reqwest::Client::builder()
+            .tls_certs_only([reqwest::Certificate::from_pem(site_root.as_bytes())
+                .map_err(|e| ConnectorError::Client(e.to_string()))?])
+            .identity(
+                reqwest::Identity::from_pem(format!("{key_pem}{cert_pem}").as_bytes())
+                    .map_err(|e| ConnectorError::Client(e.to_string()))?,
+            )
+            .timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| ConnectorError::Client(e.to_string()))?;
+        let relay = Arc::new(relay::Relay::new(
+            site,
+            state,
+            options.cmg.clone(),
+            mp_client,
+            log.clone(),
+            options.verbose,
+        ));
+        let (stop, stopped) = watch::channel(false);
+        let live = Arc::new(AtomicUsize::new(0));
+        let tasks = options
+            .targets
+            .iter()
+            .map(|target| {
+                tokio::spawn(tunnel::keep(
+                    target.clone(),
+                    tokio_rustls::TlsConnector::from(Arc::clone(&tls)),
+                    Arc::clone(&relay),
+                    stopped.clone(),
+                    Arc::clone(&live),
+                    log.clone(),
+                    options.max_backoff,
+                ))
+            })
+            .collect();
+        Ok(Connector { stop, tasks, live })
+    }
+
+    /// How many tunnels are up now.
+    pub fn connected(&self) -> usize {
+        self.live.load(Ordering::Relaxed)
+    }
+
+    /// Closes every tunnel and stops dialling.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}

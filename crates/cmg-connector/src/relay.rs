@@ -1,0 +1,262 @@
+//! What the connection point serves on a tunnel: the gateway's settings long poll, health, and
+//! device requests relayed to a management point.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use cmg_log::ComponentLog;
+use cmg_proto::mp::{ErrorBody, GATEWAY_URL_MAP, relay as relay_headers};
+use cmg_proto::tunnel::{self, GatewaySettings};
+use cmg_site::{Site, SiteState, StateWatch};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response, StatusCode, header};
+
+/// Largest device request body relayed (the MP's own limit).
+const MAX_BODY: usize = cmg_site::mp::MAX_BODY_BYTES;
+
+/// Headers passed from the gateway to the MP; everything else is dropped.
+const FORWARDED: [&str; 7] = [
+    "authorization",
+    "content-type",
+    "accept",
+    relay_headers::IDENTITY,
+    relay_headers::CLIENT_THUMBPRINT,
+    relay_headers::PKI_SUBJECT,
+    relay_headers::GATEWAY,
+];
+
+pub(crate) struct Relay {
+    site: Arc<Site>,
+    state: StateWatch,
+    cmg: String,
+    mp_client: reqwest::Client,
+    log: ComponentLog,
+    verbose: bool,
+    /// Rotates the fallback order over management points.
+    next: AtomicUsize,
+}
+
+type Reply = Response<Full<Bytes>>;
+
+impl Relay {
+    pub fn new(
+        site: Arc<Site>,
+        state: StateWatch,
+        cmg: String,
+        mp_client: reqwest::Client,
+        log: ComponentLog,
+        verbose: bool,
+    ) -> Self {
+        Relay {
+            site,
+            state,
+            cmg,
+            mp_client,
+            log,
+            verbose,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    pub async fn handle(&self, request: Request<Incoming>) -> Reply {
+        let path = request.uri().path().to_owned();
+        if path == tunnel::SETTINGS {
+            return self.settings(request.uri().query()).await;
+        }
+        if path == tunnel::HEALTH {
+            return reply(StatusCode::OK, Bytes::from_static(b"{}"));
+        }
+        match tunnel::split_proxy_path(&path) {
+            Some((role, endpoint)) if GATEWAY_URL_MAP.contains(&endpoint) => {
+                let endpoint = endpoint.to_owned();
+                self.forward(role, &endpoint, request).await
+            }
+            _ => error(
+                StatusCode::NOT_FOUND,
+                "CMGConnector_Url_Not_Allowed",
+                "this URL is not on the site's published URL map",
+                "check the URL",
+            ),
+        }
+    }
+
+    /// The long poll: answers as soon as the site's version passes `after`.
+    async fn settings(&self, query: Option<&str>) -> Reply {
+        let after = query
+            .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("after=")))
+            .and_then(|v| v.parse::<i64>().ok())
+            .unwrap_or(i64::MIN);
+        let mut state = self.state.clone();
+        let ready = tokio::time::timeout(
+            Duration::from_secs(tunnel::LONG_POLL_SECS),
+            state.wait_for(|s| s.version > after),
+        )
+        .await;
+        match ready {
+            Ok(Ok(_)) => {
+                let current = self.state.borrow().clone();
+                let body = serde_json::to_vec(&self.gateway_settings(&current)).unwrap_or_default();
+                reply(StatusCode::OK, Bytes::from(body))
+            }
+            Ok(Err(_)) => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "CMGConnector_Unavailable",
+                "the connection point is stopping",
+                "retry on another tunnel",
+            ),
+            Err(_) => Response::builder()
+                .status(StatusCode::NO_CONTENT)
+                .body(Full::new(Bytes::new()))
+                .unwrap_or_default(),
+        }
+    }
+
+    fn gateway_settings(&self, state: &SiteState) -> GatewaySettings {
+        let mut blocked_bulk_tokens: Vec<String> =
+            state.revocations.bulk_tokens.iter().cloned().collect();
+        blocked_bulk_tokens.sort();
+        let mut blocked_devices: Vec<String> = state.revocations.devices.iter().cloned().collect();
+        blocked_devices.sort();
+        GatewaySettings {
+            version: state.version,
+            cmg: self.cmg.clone(),
+            hierarchy_id: self.site.record().hierarchy_id.to_string(),
+            jwks: state.verifier.jwks(),
+            blocked_bulk_tokens,
+            blocked_devices,
+            url_map: GATEWAY_URL_MAP.iter().map(|s| s.to_string()).collect(),
+            management_points: state
+                .management_points
+                .iter()
+                .filter(|m| m.allow_cmg_traffic)
+                .map(|m| m.role_id)
+                .collect(),
+            trusted_cas: Vec::new(),
+            crl_check: true,
+            min_tls: "1.2".into(),
+        }
+    }
+
+    /// Sends the request to the MP named by `role`, or — if it cannot be reached — to the next
+    /// MP that allows CMG traffic. Only a failure to connect moves on: a request that reached an
+    /// MP is never sent twice.
+    async fn forward(&self, role: i64, endpoint: &str, request: Request<Incoming>) -> Reply {
+        let state = self.state.borrow().clone();
+        let allowed: Vec<&cmg_site::MpRecord> = state
+            .management_points
+            .iter()
+            .filter(|m| m.allow_cmg_traffic)
+            .collect();
+        let Some(first) = allowed.iter().position(|m| m.role_id == role) else {
+            return error(
+                StatusCode::NOT_FOUND,
+                "CMGConnector_Url_Not_Allowed",
+                format!("management point {role} does not accept CMG traffic"),
+                "use a management point from the location request",
+            );
+        };
+        let (parts, body) = request.into_parts();
+        let body = match Limited::new(body, MAX_BODY).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(_) => {
+                return error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "CMGConnector_Payload_Too_Large",
+                    format!("the body is larger than {MAX_BODY} bytes"),
+                    "send a smaller request",
+                );
+            }
+        };
+        let query = parts
+            .uri
+            .query()
+            .map(|q| format!("?{q}"))
+            .unwrap_or_default();
+        let rotation = self.next.fetch_add(1, Ordering::Relaxed);
+        let others = (0..allowed.len())
+            .filter(|i| *i != first)
+            .cycle()
+            .skip(rotation % allowed.len().max(1))
+            .take(allowed.len().saturating_sub(1));
+        for index in std::iter::once(first).chain(others) {
+            let mp = allowed[index];
+            let url = format!("{}{endpoint}{query}", mp.url);
+            if self.verbose {
+                self.log.info(&format!("Switched to internal URL {url}"));
+            }
+            let mut outgoing = self
+                .mp_client
+                .request(parts.method.clone(), &url)
+                .body(body.clone());
+            for name in FORWARDED {
+                for value in parts.headers.get_all(name) {
+                    outgoing = outgoing.header(name, value.clone());
+                }
+            }
+            match outgoing.send().await {
+                Ok(response) => return self.answer(response).await,
+                Err(e) if e.is_connect() => {
+                    self.log.warn(&format!(
+                        "Management point {} at {} is unreachable: {e}; trying the next one",
+                        mp.role_id, mp.url
+                    ));
+                }
+                Err(e) => {
+                    self.log.warn(&format!(
+                        "Request to management point {} failed: {e}",
+                        mp.role_id
+                    ));
+                    return error(
+                        StatusCode::BAD_GATEWAY,
+                        "CMGConnector_MP_Error",
+                        "the management point did not answer",
+                        "retry later",
+                    );
+                }
+            }
+        }
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "CMGConnector_MP_Unavailable",
+            "no management point that accepts CMG traffic can be reached",
+            "retry later",
+        )
+    }
+
+    async fn answer(&self, response: reqwest::Response) -> Reply {
+        let status = response.status();
+        let content_type = response.headers().get(header::CONTENT_TYPE).cloned();
+        let retry_after = response.headers().get(header::RETRY_AFTER).cloned();
+        let body = response.bytes().await.unwrap_or_default();
+        let mut builder = Response::builder().status(status);
+        if let Some(v) = content_type {
+            builder = builder.header(header::CONTENT_TYPE, v);
+        }
+        if let Some(v) = retry_after {
+            builder = builder.header(header::RETRY_AFTER, v);
+        }
+        builder.body(Full::new(body)).unwrap_or_default()
+    }
+}
+
+fn reply(status: StatusCode, body: Bytes) -> Reply {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(body))
+        .unwrap_or_default()
+}
+
+fn error(status: StatusCode, code: &str, message: impl Into<String>, action: &str) -> Reply {
+    let body = ErrorBody {
+        error: code.into(),
+        message: message.into(),
+        action: action.into(),
+    };
+    reply(
+        status,
+        Bytes::from(serde_json::to_vec(&body).unwrap_or_default()),
+    )
+}
