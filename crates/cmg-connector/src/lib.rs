@@ -57,8 +57,48 @@ impl ConnectorOptions {
     }
 }
 
+impl ConnectorOptions {
+    /// The tunnels of every instance of a CMG definition. The gateways' server certificates are
+    /// trusted through the CA certificates that follow the leaf in the definition's chain, plus
+    /// `extra_roots` (PEM) for a chain from a public CA.
+    pub fn for_cmg(
+        def: &cmg_site::cmg::CmgDefinition,
+        extra_roots: Vec<String>,
+    ) -> Result<Self, ConnectorError> {
+        let mut targets = Vec::new();
+        for (host, port) in def.tunnel_endpoints() {
+            let addr = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
+                .ok()
+                .and_then(|mut addrs| addrs.next())
+                .ok_or_else(|| ConnectorError::Resolve(format!("{host}:{port}")))?;
+            targets.push(TunnelTarget {
+                addr,
+                server_name: def.fqdn.clone(),
+            });
+        }
+        let chain_cas: Vec<String> = def
+            .server_chain_pem
+            .split_inclusive("-----END CERTIFICATE-----")
+            .skip(1)
+            .filter(|pem| pem.contains("BEGIN CERTIFICATE"))
+            .map(str::to_owned)
+            .collect();
+        let roots: Vec<String> = chain_cas.into_iter().chain(extra_roots).collect();
+        if roots.is_empty() {
+            return Err(ConnectorError::NoGatewayRoots(def.name.clone()));
+        }
+        Ok(ConnectorOptions::new(&def.name, targets, roots))
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectorError {
+    #[error("cannot resolve the tunnel address {0}; check the CMG's tunnel host")]
+    Resolve(String),
+    #[error(
+        "no CA certificate to check the gateways of CMG {0} against: put the CA certificates after the server certificate in its chain, or give --gateway-root FILE"
+    )]
+    NoGatewayRoots(String),
     #[error("cannot read the connection point certificate {path}: {source}")]
     Credential {
         path: String,

@@ -291,7 +291,7 @@ async fn renewal_gives_a_fresh_token_and_refuses_the_wrong_certificate_a_blocked
 async fn location_lists_intranet_and_cmg_urls_only_when_cmg_use_is_enabled() {
     for site in sites().await {
         let device = site.device("hw-l");
-        let (status, body) = device.location().await;
+        let (status, body) = device.location(None).await;
         assert_eq!(status, StatusCode::OK);
         let mps = body["management_points"].as_array().unwrap();
         assert_eq!(mps.len(), 1);
@@ -307,7 +307,7 @@ async fn location_lists_intranet_and_cmg_urls_only_when_cmg_use_is_enabled() {
         };
         site.site().store().put_cmg(&cmg, "test").await.unwrap();
         site.settled().await;
-        let (_, body) = device.location().await;
+        let (_, body) = device.location(None).await;
         let internet: Vec<&Value> = body["management_points"]
             .as_array()
             .unwrap()
@@ -329,7 +329,7 @@ async fn location_lists_intranet_and_cmg_urls_only_when_cmg_use_is_enabled() {
             .await
             .unwrap();
         site.settled().await;
-        let (_, body) = device.location().await;
+        let (_, body) = device.location(None).await;
         assert!(
             body["management_points"]
                 .as_array()
@@ -343,7 +343,7 @@ async fn location_lists_intranet_and_cmg_urls_only_when_cmg_use_is_enabled() {
             .unwrap();
         admin.set_setting("enable_cmg", "no").await.unwrap();
         site.settled().await;
-        let (_, body) = device.location().await;
+        let (_, body) = device.location(None).await;
         assert!(
             body["management_points"]
                 .as_array()

@@ -347,6 +347,73 @@ pub fn thumbprint_sha1(der: &[u8]) -> String {
     ))
 }
 
+/// The DNS names a certificate is for: its subject alternative names, else its common name.
+pub fn dns_names(der: &[u8]) -> Result<Vec<String>, PkiError> {
+    let invalid = |reason: String| PkiError::InvalidCertificate {
+        what: "certificate".into(),
+        reason,
+    };
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| invalid(e.to_string()))?;
+    let mut names: Vec<String> = cert
+        .subject_alternative_name()
+        .map_err(|e| invalid(e.to_string()))?
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if names.is_empty() {
+        names = cert
+            .subject()
+            .iter_common_name()
+            .filter_map(|cn| cn.as_str().ok().map(str::to_owned))
+            .collect();
+    }
+    Ok(names)
+}
+
+/// Whether a certificate name covers `host`: equal (ignoring case), or a wildcard `*.example.com`
+/// covering exactly one more label (`cmg.example.com`, not `a.b.example.com`).
+pub fn name_matches(pattern: &str, host: &str) -> bool {
+    match pattern.strip_prefix("*.") {
+        Some(suffix) => host
+            .split_once('.')
+            .is_some_and(|(label, rest)| !label.is_empty() && rest.eq_ignore_ascii_case(suffix)),
+        None => pattern.eq_ignore_ascii_case(host),
+    }
+}
+
+/// Counts the self-signed (root) and other (intermediate) CA certificates in PEM texts.
+pub fn count_roots(pems: &[String]) -> Result<(usize, usize), PkiError> {
+    let mut counts = (0, 0);
+    for pem in pems {
+        for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+            let cert = cert.map_err(|e| PkiError::InvalidCertificate {
+                what: "a trusted CA".into(),
+                reason: e.to_string(),
+            })?;
+            let (_, parsed) = x509_parser::parse_x509_certificate(&cert).map_err(|e| {
+                PkiError::InvalidCertificate {
+                    what: "a trusted CA".into(),
+                    reason: e.to_string(),
+                }
+            })?;
+            if parsed.subject() == parsed.issuer() {
+                counts.0 += 1;
+            } else {
+                counts.1 += 1;
+            }
+        }
+    }
+    Ok(counts)
+}
+
 /// The facts about a certificate that the site records and shows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertInfo {
@@ -444,6 +511,15 @@ mod tests {
             "ungWv48Bz-pBQUDeXa4iI7ADYaOWF3qctBD_YfIAFa0"
         );
         assert_eq!(thumbprint_sha1(b"abc"), "qZk-NkcGgWq6PiVxeFDCbJzQ2J0");
+    }
+
+    #[test]
+    fn wildcards_cover_exactly_one_label() {
+        assert!(name_matches("*.contoso.com", "cmg.contoso.com"));
+        assert!(name_matches("cmg.contoso.com", "CMG.contoso.com"));
+        assert!(!name_matches("*.contoso.com", "a.b.contoso.com"));
+        assert!(!name_matches("*.contoso.com", "contoso.com"));
+        assert!(!name_matches("cmg.contoso.com", "other.contoso.com"));
     }
 
     #[cfg(unix)]

@@ -147,3 +147,93 @@ pub fn client_config(
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
 }
+
+/// The gateway's device-facing configuration (DESIGN §4): like [`server_config`], but with the
+/// CMG's minimum TLS version (`"1.2"` or `"1.3"`, from the gateway settings). Any other value is
+/// refused rather than guessed.
+pub fn server_config_min_tls(
+    cert_pem: &str,
+    key_pem: &str,
+    min_tls: &str,
+) -> Result<Arc<ServerConfig>, PkiError> {
+    let invalid = |what: &str, e: &dyn std::fmt::Display| PkiError::InvalidCertificate {
+        what: what.into(),
+        reason: e.to_string(),
+    };
+    let versions: &[&rustls::SupportedProtocolVersion] = match min_tls {
+        "1.2" => rustls::DEFAULT_VERSIONS,
+        "1.3" => &[&rustls::version::TLS13],
+        other => {
+            return Err(invalid(
+                "the minimum TLS version",
+                &format!("'{other}' is neither \"1.2\" nor \"1.3\""),
+            ));
+        }
+    };
+    let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid("the server certificate", &e))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| {
+        PkiError::InvalidKeyFile {
+            what: "the server key".into(),
+            reason: e.to_string(),
+        }
+    })?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let verifier = Arc::new(AnyClientCertificate::new(&provider));
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .map_err(|e| invalid("the TLS configuration", &e))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| invalid("the server certificate and key", &e))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The gateway's tunnel port (DESIGN §6): this certificate chain and key (PEM), and a client
+/// certificate is *required* and must chain to one of the site roots in `site_root_pem` (with
+/// the clientAuth key usage), so only the site's connection points can open a tunnel. HTTP/2
+/// only.
+pub fn tunnel_server_config(
+    cert_pem: &str,
+    key_pem: &str,
+    site_root_pem: &str,
+) -> Result<Arc<ServerConfig>, PkiError> {
+    let invalid = |what: &str, e: &dyn std::fmt::Display| PkiError::InvalidCertificate {
+        what: what.into(),
+        reason: e.to_string(),
+    };
+    let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid("the server certificate", &e))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| {
+        PkiError::InvalidKeyFile {
+            what: "the server key".into(),
+            reason: e.to_string(),
+        }
+    })?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(site_root_pem.as_bytes()) {
+        let cert = cert.map_err(|e| invalid("the site root", &e))?;
+        roots.add(cert).map_err(|e| invalid("the site root", &e))?;
+    }
+    if roots.is_empty() {
+        return Err(invalid("the site root", &"no CERTIFICATE block found"));
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| invalid("the site root", &e))?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| invalid("the TLS configuration", &e))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| invalid("the server certificate and key", &e))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}

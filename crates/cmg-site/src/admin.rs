@@ -14,6 +14,7 @@ use cmg_token::Token;
 use serde_json::Value;
 use uuid::Uuid;
 
+use crate::cmg::CmgDefinition;
 use crate::init::certificate_record;
 use crate::site::active_signer;
 use crate::{DataDir, Site, SiteError, SiteSettings, format_utc, unix_now};
@@ -507,6 +508,121 @@ impl AdminService {
             }
         ));
         Ok(record)
+    }
+}
+
+impl AdminService {
+    /// Records a CMG and writes each instance's ready-to-run configuration (with the server key)
+    /// under `<data>/cmg/<name>/`. Returns the config files and any warnings for the admin.
+    pub async fn create_cmg(
+        &self,
+        def: &CmgDefinition,
+        server_key_pem: &str,
+    ) -> Result<(Vec<std::path::PathBuf>, Vec<String>), SiteError> {
+        let warnings = def.validate()?;
+        let store = self.site.store();
+        if store
+            .cmgs()
+            .await?
+            .iter()
+            .any(|c| c.name.eq_ignore_ascii_case(&def.name))
+        {
+            return Err(SiteError::Store(cmg_store::StoreError::AlreadyExists {
+                what: "CMG",
+                id: def.name.clone(),
+            }));
+        }
+        cmg_pki::tls::server_config(&def.server_chain_pem, server_key_pem)?;
+        let files = crate::cmg::write_instance_configs(self.site.data(), def, server_key_pem)?;
+        self.put_cmg(def).await?;
+        let logs = self.site.logs();
+        logs.cloud_mgr.info(&format!(
+            "{} created CMG {} ({}), {} instance(s)",
+            self.actor, def.name, def.fqdn, def.instances
+        ));
+        for file in &files {
+            logs.cmg_setup.info(&format!(
+                "Wrote the configuration of a gateway instance of {}: {}",
+                def.name,
+                file.display()
+            ));
+        }
+        for warning in &warnings {
+            logs.cloud_mgr.warn(warning);
+        }
+        Ok((files, warnings))
+    }
+
+    /// Changes a CMG's settings; running gateways receive them over their tunnels.
+    pub async fn modify_cmg(
+        &self,
+        name: &str,
+        change: impl FnOnce(&mut CmgDefinition),
+    ) -> Result<(CmgDefinition, Vec<String>), SiteError> {
+        let mut def = self.cmg(name).await?;
+        change(&mut def);
+        let warnings = def.validate()?;
+        self.put_cmg(&def).await?;
+        self.site
+            .logs()
+            .cloud_mgr
+            .info(&format!("{} modified CMG {}", self.actor, def.name));
+        Ok((def, warnings))
+    }
+
+    pub async fn cmg(&self, name: &str) -> Result<CmgDefinition, SiteError> {
+        let record = self
+            .site
+            .store()
+            .cmgs()
+            .await?
+            .into_iter()
+            .find(|c| c.name.eq_ignore_ascii_case(name))
+            .ok_or_else(|| {
+                SiteError::Store(cmg_store::StoreError::NotFound {
+                    what: "CMG",
+                    id: name.chars().take(63).collect(),
+                })
+            })?;
+        serde_json::from_str(&record.definition).map_err(|e| {
+            SiteError::Inconsistent(format!(
+                "the definition of CMG {} cannot be read: {e}",
+                record.name
+            ))
+        })
+    }
+
+    pub async fn cmgs(&self) -> Result<Vec<CmgDefinition>, SiteError> {
+        let mut out = Vec::new();
+        for record in self.site.store().cmgs().await? {
+            out.push(self.cmg(&record.name).await?);
+        }
+        Ok(out)
+    }
+
+    pub async fn delete_cmg(&self, name: &str) -> Result<(), SiteError> {
+        let def = self.cmg(name).await?;
+        self.site.store().delete_cmg(&def.name, &self.actor).await?;
+        self.site
+            .logs()
+            .cloud_mgr
+            .info(&format!("{} deleted CMG {}", self.actor, def.name));
+        Ok(())
+    }
+
+    async fn put_cmg(&self, def: &CmgDefinition) -> Result<(), SiteError> {
+        let now = unix_now();
+        let definition =
+            serde_json::to_string(def).map_err(|e| SiteError::Inconsistent(e.to_string()))?;
+        let record = cmg_store::CmgRecord {
+            name: def.name.clone(),
+            fqdn: def.fqdn.clone(),
+            instances: i32::from(def.instances),
+            definition,
+            created_at: now,
+            updated_at: now,
+        };
+        Ok(self.site.store().put_cmg(&record, &self.actor).await?)
     }
 }
 

@@ -8,6 +8,7 @@
 //! cryptography (that is `cmg-pki` and `cmg-token`).
 
 mod admin;
+pub mod cmg;
 mod error;
 mod init;
 mod layout;

@@ -19,6 +19,10 @@ pub struct SiteLogs {
     pub sts: ComponentLog,
     /// `ClientAuth.log`: every refused device, with the rule that failed.
     pub auth: ComponentLog,
+    /// `CloudMgr.log`: CMG definitions created, changed, deleted.
+    pub cloud_mgr: ComponentLog,
+    /// `CMGSetup.log`: the instance configurations written for a CMG.
+    pub cmg_setup: ComponentLog,
 }
 
 impl SiteLogs {
@@ -32,6 +36,8 @@ impl SiteLogs {
             registration: open("MP_RegistrationManager")?,
             sts: open("CCM_STS")?,
             auth: open("ClientAuth")?,
+            cloud_mgr: open("CloudMgr")?,
+            cmg_setup: open("CMGSetup")?,
         })
     }
 }

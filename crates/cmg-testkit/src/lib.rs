@@ -48,6 +48,16 @@ impl TestSite {
         let server = SiteServer::start(data.clone(), options)
             .await
             .expect("site server");
+        // The MP record names the address it really listens on, for MPLIST and connection points.
+        let admin = AdminService::open(data.clone(), "testkit")
+            .await
+            .expect("admin service");
+        let url = format!("https://{}", server.mp_addr());
+        admin
+            .set_management_point(server.mp_role_id(), Some(&url), None)
+            .await
+            .expect("MP URL");
+        admin.site().close().await;
         let root_pem = std::fs::read_to_string(data.pki_dir().join("site-root.crt")).expect("root");
         TestSite {
             data,
@@ -142,8 +152,35 @@ impl TestDevice {
         hardware_id: &str,
         credential: Credential,
     ) -> TestDevice {
+        Self::build(root_pem, base, hardware_id, credential, None)
+    }
+
+    /// A device reaching `base` at `addr` whatever its host name resolves to (for a gateway's
+    /// public name on loopback).
+    pub fn resolving(
+        root_pem: &str,
+        base: &str,
+        hardware_id: &str,
+        credential: Credential,
+        host: &str,
+        addr: std::net::SocketAddr,
+    ) -> TestDevice {
+        Self::build(root_pem, base, hardware_id, credential, Some((host, addr)))
+    }
+
+    fn build(
+        root_pem: &str,
+        base: &str,
+        hardware_id: &str,
+        credential: Credential,
+        resolve: Option<(&str, std::net::SocketAddr)>,
+    ) -> TestDevice {
         let identity = format!("{}{}", credential.key_pem(), credential.cert_pem());
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        if let Some((host, addr)) = resolve {
+            builder = builder.resolve(host, addr);
+        }
+        let client = builder
             .tls_certs_only(
                 [reqwest::Certificate::from_pem(root_pem.as_bytes()).expect("root pem")],
             )
@@ -255,12 +292,11 @@ impl TestDevice {
         self.send(Self::with_bearer(request, token)).await
     }
 
-    pub async fn location(&self) -> Reply {
-        self.send(
-            self.client
-                .get(format!("{}{}?MPLIST", self.base, mp::LOCATION)),
-        )
-        .await
+    pub async fn location(&self, token: Option<&str>) -> Reply {
+        let request = self
+            .client
+            .get(format!("{}{}?MPLIST", self.base, mp::LOCATION));
+        self.send(Self::with_bearer(request, token)).await
     }
 
     pub async fn status(&self, token: &str, batch: &Value) -> Reply {
@@ -269,5 +305,193 @@ impl TestDevice {
             .post(format!("{}{}", self.base, mp::STATUS))
             .json(batch);
         self.send(request.bearer_auth(token)).await
+    }
+}
+
+/// A CMG of a [`TestSite`]: its gateway instances on loopback, with a server certificate from a
+/// development CA, and the site's connection point keeping a tunnel to each.
+pub struct TestCmg {
+    pub name: String,
+    pub fqdn: String,
+    /// The development CA that issued the gateways' server certificate (devices trust it).
+    pub ca_pem: String,
+    pub gateways: Vec<cmg_gateway::Gateway>,
+    connector: Option<cmg_connector::Connector>,
+    connector_options: cmg_connector::ConnectorOptions,
+    mp_role_id: i64,
+    site: Arc<Site>,
+    state: cmg_site::StateWatch,
+    _dir: tempfile::TempDir,
+}
+
+impl TestSite {
+    /// Defines a CMG with `instances` gateways, starts them on loopback, and starts a connection
+    /// point for it; returns once every gateway has a tunnel and the site's settings.
+    pub async fn cmg(&self, instances: u8) -> TestCmg {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let fqdn = "granitefalls.cmg.test".to_owned();
+        let ca = cmg_pki::SiteAuthority::generate("DEV").expect("dev CA");
+        let server = ca
+            .issue(
+                "DEV",
+                &cmg_pki::Role::ManagementPoint {
+                    hostnames: vec![fqdn.clone()],
+                },
+                KeyAlgorithm::EcdsaP256,
+            )
+            .expect("server certificate");
+        let chain = format!("{}{}", server.cert_pem(), ca.credential().cert_pem());
+        let def = cmg_site::cmg::CmgDefinition {
+            name: "GraniteFalls".into(),
+            fqdn: fqdn.clone(),
+            instances,
+            tunnel_host: "127.0.0.1".into(),
+            server_chain_pem: chain.clone(),
+            trusted_cas: Vec::new(),
+            crl_check: true,
+            min_tls: "1.2".into(),
+            data_alert_gb: 10_000,
+            stop_at_critical: false,
+            device_port: 443,
+        };
+        self.admin()
+            .await
+            .create_cmg(&def, server.key_pem())
+            .await
+            .expect("create CMG");
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).expect("write");
+            path
+        };
+        let (cert, key, root) = (
+            write("server.crt", &chain),
+            write("server.key", server.key_pem()),
+            write("site-root.crt", &self.root_pem),
+        );
+        let mut gateways = Vec::new();
+        for instance in 1..=instances {
+            let config = cmg_gateway::GatewayConfig {
+                name: def.name.clone(),
+                fqdn: fqdn.clone(),
+                instance,
+                listen: "127.0.0.1:0".parse().expect("addr"),
+                tunnel_listen: "127.0.0.1:0".parse().expect("addr"),
+                metrics_listen: Some("127.0.0.1:0".parse().expect("addr")),
+                server_cert: cert.clone(),
+                server_key: key.clone(),
+                site_root: root.clone(),
+                log_dir: dir.path().join(format!("logs-{instance}")),
+                stats_interval_secs: 1,
+            };
+            gateways.push(cmg_gateway::Gateway::start(config).await.expect("gateway"));
+        }
+        let targets = gateways
+            .iter()
+            .map(|g| cmg_connector::TunnelTarget {
+                addr: g.tunnel_addr(),
+                server_name: fqdn.clone(),
+            })
+            .collect();
+        let mut options = cmg_connector::ConnectorOptions::new(
+            &def.name,
+            targets,
+            vec![ca.credential().cert_pem().to_owned()],
+        );
+        options.verbose = true;
+        options.max_backoff = Duration::from_millis(500);
+        self.settled().await;
+        let mut cmg = TestCmg {
+            name: def.name,
+            fqdn,
+            ca_pem: ca.credential().cert_pem().to_owned(),
+            gateways,
+            connector: None,
+            connector_options: options,
+            mp_role_id: self.mp_role_id(),
+            site: Arc::clone(self.site()),
+            state: self.server().state().clone(),
+            _dir: dir,
+        };
+        cmg.start_connector().await;
+        cmg
+    }
+}
+
+impl TestCmg {
+    /// Starts the connection point and waits until every gateway has its tunnel and settings.
+    pub async fn start_connector(&mut self) {
+        let connector = cmg_connector::Connector::start(
+            Arc::clone(&self.site),
+            self.state.clone(),
+            self.connector_options.clone(),
+        )
+        .await
+        .expect("connection point");
+        self.connector = Some(connector);
+        let version = self.state.borrow().version;
+        self.wait_until(|g| g.tunnels() >= 1 && g.settings_version().is_some_and(|v| v >= version))
+            .await;
+    }
+
+    /// Stops the connection point (all tunnels close) and waits until the gateways see it.
+    pub async fn stop_connector(&mut self) {
+        if let Some(connector) = self.connector.take() {
+            connector.shutdown().await;
+        }
+        self.wait_until(|g| g.tunnels() == 0).await;
+    }
+
+    /// Waits (up to 10 s) until `ready` holds for every gateway instance.
+    pub async fn wait_until(&self, ready: impl Fn(&cmg_gateway::Gateway) -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !self.gateways.iter().all(&ready) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "gateways not ready within 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A device talking to gateway instance `instance` (0-based) through the CMG's public URL.
+    pub fn device(&self, instance: usize, hardware_id: &str) -> TestDevice {
+        let credential =
+            cmg_pki::self_signed_device(&format!("device-{hardware_id}"), KeyAlgorithm::EcdsaP256)
+                .expect("device certificate");
+        self.device_with(instance, hardware_id, credential)
+    }
+
+    /// The same, with a given certificate (e.g. another device's, to test token binding).
+    pub fn device_with(
+        &self,
+        instance: usize,
+        hardware_id: &str,
+        credential: Credential,
+    ) -> TestDevice {
+        let addr = self.gateways[instance].device_addr();
+        let base = format!(
+            "https://{}:{}/CCM_Proxy_MutualAuth/{}",
+            self.fqdn,
+            addr.port(),
+            self.mp_role_id
+        );
+        TestDevice::resolving(
+            &self.ca_pem,
+            &base,
+            hardware_id,
+            credential,
+            &self.fqdn,
+            addr,
+        )
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(connector) = self.connector.take() {
+            connector.shutdown().await;
+        }
+        for gateway in self.gateways.drain(..) {
+            gateway.shutdown().await;
+        }
     }
 }

@@ -12,6 +12,7 @@ pub async fn run(cmd: AdminCommand, data: DataDir) -> anyhow::Result<()> {
         AdminCommand::Device(cmd) => device(admin, cmd).await,
         AdminCommand::Settings(cmd) => settings(admin, cmd).await,
         AdminCommand::Mp(cmd) => mp(admin, cmd).await,
+        AdminCommand::Cmg(cmd) => crate::cmg_admin::run(admin, cmd).await,
         AdminCommand::Audit { limit, json } => audit(admin, limit, json).await,
     })
     .await

@@ -40,6 +40,40 @@ pub enum Command {
     /// Site administration.
     #[command(subcommand)]
     Admin(AdminCommand),
+    /// The connection point: tunnels from the site out to the gateway instances.
+    #[command(subcommand)]
+    Connector(ConnectorCommand),
+    /// A cloud management gateway instance (internet-facing).
+    #[command(subcommand)]
+    Gateway(GatewayCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GatewayCommand {
+    /// Run one gateway instance until Ctrl-C, with the configuration `cmg admin cmg create` wrote.
+    Run {
+        /// The instance's configuration file (instance-N.toml).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConnectorCommand {
+    /// Dial out to every instance of a CMG and relay its device traffic to the management
+    /// points, until Ctrl-C.
+    Run {
+        /// The CMG to serve; default: the site's only CMG.
+        #[arg(long)]
+        cmg: Option<String>,
+        /// A CA certificate (PEM) the gateways' server certificates chain to, when their chain
+        /// does not include it (e.g. a public CA). Repeatable.
+        #[arg(long = "gateway-root", value_name = "FILE")]
+        gateway_roots: Vec<PathBuf>,
+        /// Log every relayed request's internal URL (`Switched to internal URL …`).
+        #[arg(long)]
+        verbose: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -138,6 +172,9 @@ pub enum AdminCommand {
     /// Management points of the site.
     #[command(subcommand)]
     Mp(MpCommand),
+    /// Cloud management gateways: create, modify, show, list, delete.
+    #[command(subcommand)]
+    Cmg(CmgCommand),
     /// Show who changed what on the site, newest first.
     Audit {
         /// How many entries.
@@ -217,6 +254,76 @@ pub enum MpCommand {
         #[arg(long, value_parser = parse_yes_no)]
         allow_cmg: Option<bool>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CmgCommand {
+    /// Define a CMG and write each instance's ready-to-run configuration.
+    Create(CmgCreateArgs),
+    /// Change a CMG's settings; running gateways receive them without a restart.
+    Modify(CmgModifyArgs),
+    /// Show a CMG's settings.
+    Show { name: String },
+    /// List the site's CMGs.
+    List,
+    /// Delete a CMG definition.
+    Delete { name: String },
+}
+
+#[derive(Debug, Args)]
+pub struct CmgCreateArgs {
+    /// Service name, e.g. GraniteFalls.
+    #[arg(long)]
+    pub name: String,
+    /// The name devices connect to; the server certificate must cover it (wildcards allowed).
+    #[arg(long)]
+    pub fqdn: String,
+    /// Server authentication certificate (PEM, leaf first, CA certificates after it).
+    #[arg(long, value_name = "FILE")]
+    pub server_cert: PathBuf,
+    /// Its private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub server_key: PathBuf,
+    /// Gateway instances, 1–16.
+    #[arg(long, default_value_t = 1)]
+    pub instances: u8,
+    /// Host the connection point dials for the tunnels; default: the FQDN.
+    #[arg(long)]
+    pub tunnel_host: Option<String>,
+    /// Device HTTPS port of every instance.
+    #[arg(long, default_value_t = 443)]
+    pub device_port: u16,
+    #[command(flatten)]
+    pub settings: CmgSettingsArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct CmgSettingsArgs {
+    /// A trusted root or intermediate CA for PKI client certificates (PEM). Repeatable.
+    #[arg(long = "trusted-ca", value_name = "FILE")]
+    pub trusted_cas: Vec<PathBuf>,
+    /// Check client certificates against CRLs.
+    #[arg(long, value_parser = parse_yes_no)]
+    pub crl_check: Option<bool>,
+    /// Minimum TLS version, 1.2 or 1.3.
+    #[arg(long)]
+    pub min_tls: Option<String>,
+    /// 14-day outbound data alert threshold in GB.
+    #[arg(long)]
+    pub data_alert_gb: Option<u64>,
+    /// Stop the service at the critical threshold.
+    #[arg(long, value_parser = parse_yes_no)]
+    pub stop_at_critical: Option<bool>,
+}
+
+#[derive(Debug, Args)]
+pub struct CmgModifyArgs {
+    pub name: String,
+    /// Gateway instances, 1–16.
+    #[arg(long)]
+    pub instances: Option<u8>,
+    #[command(flatten)]
+    pub settings: CmgSettingsArgs,
 }
 
 fn parse_yes_no(s: &str) -> Result<bool, String> {

@@ -4,6 +4,8 @@
 mod admin;
 mod bulk_token;
 mod cli;
+mod cmg_admin;
+mod connector;
 mod site;
 
 use std::process::ExitCode;
@@ -47,6 +49,8 @@ async fn run(cli: Cli, data: cmg_site::DataDir) -> anyhow::Result<()> {
         Command::Site(cmd) => site::run(cmd, data).await,
         Command::BulkToken(cmd) => bulk_token::run(cmd, data).await,
         Command::Admin(cmd) => admin::run(cmd, data).await,
+        Command::Connector(cmd) => connector::run(cmd, data).await,
+        Command::Gateway(cmd) => connector::run_gateway(cmd).await,
     }
 }
 

@@ -1,0 +1,363 @@
+//! The device side (DESIGN §4): TLS with the CMG's server certificate, the device certificate
+//! learnt once per connection, and per request: the URL map, the certificate, the token, then a
+//! relay through a tunnel with the identity the gateway verified.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cmg_proto::mp::relay;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Frame, Incoming};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::error::{Body, Denial, RelayError, json_response};
+use crate::policy::{self, CachedAuth, Identity, Route};
+use crate::stats::{METADATA, UNMAPPED};
+use crate::{Shared, unix_now};
+
+/// Largest request body a device may send (inventory reports included).
+pub const MAX_BODY_BYTES: usize = 256 * 1024;
+/// How long a request may take to arrive and be answered (to the response head).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a TLS handshake, or the head of an HTTP/1.1 request, may take.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 keep-alive PINGs on device connections.
+const KEEP_ALIVE: Duration = Duration::from_secs(60);
+
+/// What the TLS handshake established about a device connection.
+#[derive(Debug)]
+pub(crate) struct Peer {
+    pub remote: SocketAddr,
+    /// base64url SHA-256 of the client certificate; the handshake proved the key.
+    pub thumbprint: Option<String>,
+    /// The token verified on this connection.
+    pub verified: Mutex<Option<CachedAuth>>,
+}
+
+pub(crate) async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let graceful = GracefulShutdown::new();
+    let mut http = auto::Builder::new(TokioExecutor::new());
+    http.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HANDSHAKE_TIMEOUT)
+        .keep_alive(true);
+    http.http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(KEEP_ALIVE));
+    loop {
+        let (tcp, remote) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::warn!("cannot accept a device connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let tls = shared.device_acceptor();
+        let shared = Arc::clone(&shared);
+        let http = http.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => return tracing::debug!(%remote, "TLS handshake failed: {e}"),
+                Err(_) => return tracing::debug!(%remote, "TLS handshake timed out"),
+            };
+            let thumbprint = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .map(|cert| cmg_pki::thumbprint_sha256(cert));
+            let peer = Arc::new(Peer {
+                remote,
+                thumbprint,
+                verified: Mutex::new(None),
+            });
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                handle(Arc::clone(&shared), Arc::clone(&peer), request)
+            });
+            let connection = http.serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = watcher.watch(connection.into_owned()).await {
+                tracing::debug!(%remote, "device connection ended: {e}");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(REQUEST_TIMEOUT, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some device connections were still busy at shutdown and were closed");
+    }
+}
+
+/// What one request was, for the counters.
+struct Outcome {
+    label: String,
+    bytes_in: u64,
+}
+
+async fn handle(
+    shared: Arc<Shared>,
+    peer: Arc<Peer>,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let mut outcome = Outcome {
+        label: UNMAPPED.to_owned(),
+        bytes_in: 0,
+    };
+    let result = match tokio::time::timeout(
+        REQUEST_TIMEOUT,
+        route(&shared, &peer, request, &mut outcome),
+    )
+    .await
+    {
+        Ok(result) => result,
+        Err(_) => Err(RelayError::Downstream(Denial::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "CMGService_Request_Timeout",
+            format!(
+                "the request took longer than {} s to arrive or to be answered",
+                REQUEST_TIMEOUT.as_secs()
+            ),
+            "retry later",
+        ))),
+    };
+    let counters = shared.stats.endpoint(&outcome.label);
+    let response = match result {
+        Ok(response) => response,
+        Err(e) => {
+            shared.stats.record_error(e.origin());
+            let denial = e.denial();
+            let line = format!(
+                "{method} {path} from {} (certificate {}): {e}",
+                peer.remote,
+                peer.thumbprint.as_deref().unwrap_or("none"),
+            );
+            if denial.status.is_server_error() {
+                shared.handler_log.error(&line);
+            } else {
+                shared.handler_log.warn(&line);
+            }
+            e.into_response()
+        }
+    };
+    shared.stats.record(
+        &counters,
+        response.status().as_u16(),
+        outcome.bytes_in,
+        started.elapsed(),
+    );
+    let (parts, body) = response.into_parts();
+    let counting = body
+        .map_frame(move |frame: Frame<Bytes>| {
+            if let Some(data) = frame.data_ref() {
+                counters.add_bytes_out(data.len() as u64);
+            }
+            frame
+        })
+        .boxed();
+    Ok(Response::from_parts(parts, counting))
+}
+
+async fn route(
+    shared: &Shared,
+    peer: &Peer,
+    request: Request<Incoming>,
+    outcome: &mut Outcome,
+) -> Result<Response<Body>, RelayError> {
+    let path = request.uri().path();
+    if policy::parse_route(path) == Some(Route::Metadata) {
+        outcome.label = METADATA.to_owned();
+        return metadata(shared, request.method());
+    }
+    let Some(active) = shared.active() else {
+        return Err(crate::tunnel::unavailable(
+            "this gateway has not yet received its settings from a connection point",
+        ));
+    };
+    let endpoint = match policy::check_route(&active, path).map_err(RelayError::Downstream)? {
+        Route::Metadata => return metadata(shared, request.method()),
+        Route::Relay { endpoint, .. } => endpoint.to_owned(),
+    };
+    outcome.label.clone_from(&endpoint);
+    let identity = policy::authorize(
+        &active,
+        &endpoint,
+        peer.thumbprint.as_deref(),
+        request.headers().get(header::AUTHORIZATION),
+        unix_now(),
+        &peer.verified,
+    )
+    .map_err(RelayError::Downstream)?;
+    let thumbprint = peer.thumbprint.clone().unwrap_or_default();
+    let forwarded = forward_request(shared, request, &identity, &thumbprint, outcome).await?;
+    let (tunnel, response) = shared.tunnels.send(forwarded).await?;
+    tracing::debug!(tunnel, who = %identity.describe(), %endpoint, "relayed");
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Ok(Response::from_parts(parts, body.boxed()))
+}
+
+fn metadata(shared: &Shared, method: &Method) -> Result<Response<Body>, RelayError> {
+    if method != Method::GET && method != Method::HEAD {
+        return Err(RelayError::Downstream(Denial::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "CMGService_Method_Not_Allowed",
+            "ServiceMetadata answers GET only",
+            "use GET",
+        )));
+    }
+    let body = serde_json::json!({
+        "cmg": shared.config.name,
+        "fqdn": shared.config.fqdn,
+        "instance": shared.config.instance,
+    });
+    Ok(json_response(StatusCode::OK, &body, None))
+}
+
+fn too_large() -> RelayError {
+    RelayError::Downstream(Denial::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "CMGService_Request_Too_Large",
+        format!("the request body is larger than {MAX_BODY_BYTES} bytes"),
+        "send smaller batches",
+    ))
+}
+
+/// The request as it goes through the tunnel: same method, path, query and body; the device's
+/// `x-cmg-*` and hop-by-hop headers dropped; the identity the gateway verified added.
+async fn forward_request(
+    shared: &Shared,
+    request: Request<Incoming>,
+    identity: &Identity,
+    thumbprint: &str,
+    outcome: &mut Outcome,
+) -> Result<Request<Full<Bytes>>, RelayError> {
+    let (parts, body) = request.into_parts();
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return Err(too_large());
+    }
+    let body = Limited::new(body, MAX_BODY_BYTES)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                too_large()
+            } else {
+                RelayError::Downstream(Denial::new(
+                    StatusCode::BAD_REQUEST,
+                    "CMGService_Bad_Request",
+                    format!("the request body could not be read: {e}"),
+                    "send the request again",
+                ))
+            }
+        })?
+        .to_bytes();
+    outcome.bytes_in = body.len() as u64;
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map_or_else(|| parts.uri.path(), |pq| pq.as_str());
+    let uri = format!("https://{}{path_and_query}", shared.config.fqdn);
+    let mut headers = parts.headers;
+    strip_hop_by_hop(&mut headers);
+    let relayed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().starts_with("x-cmg-"))
+        .cloned()
+        .collect();
+    for name in relayed {
+        headers.remove(name);
+    }
+    headers.remove(header::HOST);
+    headers.remove(header::CONTENT_LENGTH);
+    let value = |s: &str| HeaderValue::from_str(s).map_err(RelayError::internal);
+    headers.insert(relay::IDENTITY, HeaderValue::from_static(identity.kind()));
+    headers.insert(relay::CLIENT_THUMBPRINT, value(thumbprint)?);
+    headers.insert(relay::GATEWAY, shared.gateway_header.clone());
+    let mut forwarded = Request::builder()
+        .method(parts.method)
+        .uri(uri)
+        .body(Full::new(body))
+        .map_err(RelayError::internal)?;
+    *forwarded.headers_mut() = headers;
+    Ok(forwarded)
+}
+
+/// Removes the headers that belong to one connection (RFC 9110 §7.6.1), including any named in
+/// `Connection`.
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_those_named_in_connection_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer x"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key(header::AUTHORIZATION));
+    }
+}
