@@ -12,6 +12,7 @@
 //! It must not authenticate devices (the gateway does, and the MP again) nor store anything.
 
 mod relay;
+mod report;
 mod tunnel;
 
 use std::net::SocketAddr;
@@ -43,7 +44,14 @@ pub struct ConnectorOptions {
     pub verbose: bool,
     /// Longest wait between two attempts to dial a lost tunnel.
     pub max_backoff: Duration,
+    /// This connection point's name in traffic reports (default: the host name).
+    pub name: String,
+    /// How often traffic is reported to the site (DESIGN §2: every 5 minutes).
+    pub report_interval: Duration,
 }
+
+/// Traffic is reported every 5 minutes (DESIGN §2).
+pub const REPORT_INTERVAL: Duration = Duration::from_secs(300);
 
 impl ConnectorOptions {
     pub fn new(cmg: &str, targets: Vec<TunnelTarget>, gateway_roots: Vec<String>) -> Self {
@@ -53,6 +61,8 @@ impl ConnectorOptions {
             gateway_roots,
             verbose: false,
             max_backoff: Duration::from_secs(60),
+            name: host_name(),
+            report_interval: REPORT_INTERVAL,
         }
     }
 }
@@ -182,6 +192,13 @@ impl Connector {
                 ))
             })
             .collect();
+        let mut tasks: Vec<_> = tasks;
+        tasks.push(tokio::spawn(report::every(
+            relay,
+            options.name.clone(),
+            options.report_interval,
+            stopped.clone(),
+        )));
         Ok(Connector { stop, tasks, live })
     }
 
@@ -197,4 +214,13 @@ impl Connector {
             let _ = task.await;
         }
     }
+}
+
+/// The machine's host name, for traffic reports.
+fn host_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "connection-point".into())
 }

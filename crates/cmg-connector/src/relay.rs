@@ -1,15 +1,18 @@
 //! What the connection point serves on a tunnel: the gateway's settings long poll, health, and
 //! device requests relayed to a management point.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cmg_log::ComponentLog;
 use cmg_proto::mp::{ErrorBody, GATEWAY_URL_MAP, relay as relay_headers};
 use cmg_proto::tunnel::{self, GatewaySettings};
+use cmg_site::cmg::CmgDefinition;
 use cmg_site::{Site, SiteState, StateWatch};
 use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Body;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode, header};
 
@@ -36,6 +39,18 @@ pub(crate) struct Relay {
     verbose: bool,
     /// Rotates the fallback order over management points.
     next: AtomicUsize,
+    /// Requests and bytes per endpoint since the last report to the site.
+    pub traffic: Mutex<HashMap<String, Counts>>,
+    /// Set when the CMG passed its critical outbound data threshold with "stop at critical" on.
+    pub stopped: AtomicBool,
+}
+
+/// What was relayed for one endpoint: requests, bytes in, bytes out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Counts {
+    pub requests: i64,
+    pub bytes_in: i64,
+    pub bytes_out: i64,
 }
 
 type Reply = Response<Full<Bytes>>;
@@ -57,6 +72,8 @@ impl Relay {
             log,
             verbose,
             next: AtomicUsize::new(0),
+            traffic: Mutex::new(HashMap::new()),
+            stopped: AtomicBool::new(false),
         }
     }
 
@@ -113,7 +130,33 @@ impl Relay {
         }
     }
 
+    pub fn cmg(&self) -> &str {
+        &self.cmg
+    }
+
+    pub fn site(&self) -> &Site {
+        &self.site
+    }
+
+    pub fn state(&self) -> &StateWatch {
+        &self.state
+    }
+
+    pub fn log(&self) -> &ComponentLog {
+        &self.log
+    }
+
+    /// This CMG's definition, as the site currently has it.
+    pub fn definition(&self, state: &SiteState) -> Option<CmgDefinition> {
+        let record = state
+            .cmgs
+            .iter()
+            .find(|c| c.name.eq_ignore_ascii_case(&self.cmg))?;
+        serde_json::from_str(&record.definition).ok()
+    }
+
     fn gateway_settings(&self, state: &SiteState) -> GatewaySettings {
+        let definition = self.definition(state);
         let mut blocked_bulk_tokens: Vec<String> =
             state.revocations.bulk_tokens.iter().cloned().collect();
         blocked_bulk_tokens.sort();
@@ -133,9 +176,12 @@ impl Relay {
                 .filter(|m| m.allow_cmg_traffic)
                 .map(|m| m.role_id)
                 .collect(),
-            trusted_cas: Vec::new(),
-            crl_check: true,
-            min_tls: "1.2".into(),
+            trusted_cas: definition
+                .as_ref()
+                .map(|d| d.trusted_cas.clone())
+                .unwrap_or_default(),
+            crl_check: definition.as_ref().is_none_or(|d| d.crl_check),
+            min_tls: definition.map_or_else(|| "1.2".into(), |d| d.min_tls),
         }
     }
 
@@ -143,6 +189,14 @@ impl Relay {
     /// MP that allows CMG traffic. Only a failure to connect moves on: a request that reached an
     /// MP is never sent twice.
     async fn forward(&self, role: i64, endpoint: &str, request: Request<Incoming>) -> Reply {
+        if self.stopped.load(Ordering::Relaxed) {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "CMGConnector_Stopped",
+                "the CMG reached the critical level of its 14-day outbound data threshold and is stopped",
+                "an admin raises the threshold or turns off stop-at-critical (`cmg admin cmg modify`)",
+            );
+        }
         let state = self.state.borrow().clone();
         let allowed: Vec<&cmg_site::MpRecord> = state
             .management_points
@@ -196,7 +250,15 @@ impl Relay {
                 }
             }
             match outgoing.send().await {
-                Ok(response) => return self.answer(response).await,
+                Ok(response) => {
+                    let reply = self.answer(response).await;
+                    self.count(
+                        endpoint,
+                        body.len(),
+                        reply.body().size_hint().exact().unwrap_or(0),
+                    );
+                    return reply;
+                }
                 Err(e) if e.is_connect() => {
                     self.log.warn(&format!(
                         "Management point {} at {} is unreachable: {e}; trying the next one",
@@ -223,6 +285,14 @@ impl Relay {
             "no management point that accepts CMG traffic can be reached",
             "retry later",
         )
+    }
+
+    fn count(&self, endpoint: &str, bytes_in: usize, bytes_out: u64) {
+        let mut traffic = self.traffic.lock().unwrap_or_else(|p| p.into_inner());
+        let counts = traffic.entry(endpoint.to_owned()).or_default();
+        counts.requests += 1;
+        counts.bytes_in += i64::try_from(bytes_in).unwrap_or(i64::MAX);
+        counts.bytes_out += i64::try_from(bytes_out).unwrap_or(i64::MAX);
     }
 
     async fn answer(&self, response: reqwest::Response) -> Reply {

@@ -12,6 +12,8 @@
 //! site_root = "site-root.crt"  # only connection points chaining to it may open a tunnel
 //! log_dir = "logs"
 //! stats_interval_secs = 60
+//! crl_files = ["issuing-ca.crl"]   # PEM or DER; optional
+//! crl_refresh_secs = 3600          # re-read files and re-fetch CRL distribution points
 //! ```
 
 use std::net::SocketAddr;
@@ -23,6 +25,8 @@ use crate::GatewayError;
 
 /// Default period of the `CMGService.log` traffic summary.
 pub const DEFAULT_STATS_INTERVAL_SECS: u64 = 60;
+/// Default period of the CRL refresh (files re-read, distribution points fetched again).
+pub const DEFAULT_CRL_REFRESH_SECS: u64 = 3600;
 /// Most gateway instances per CMG (DESIGN §2).
 pub const MAX_INSTANCES: u8 = 16;
 
@@ -55,6 +59,17 @@ pub struct GatewayConfig {
     /// Period of the traffic summary in `CMGService.log`.
     #[serde(default = "default_stats_interval")]
     pub stats_interval_secs: u64,
+    /// CRL files (PEM or DER) for PKI client certificates, besides those fetched from the CRL
+    /// distribution points of the trusted CAs and of client certificates (DESIGN §4).
+    #[serde(default)]
+    pub crl_files: Vec<PathBuf>,
+    /// How often CRLs are re-read and re-fetched; also whenever a CRL's nextUpdate passes.
+    #[serde(default = "default_crl_refresh")]
+    pub crl_refresh_secs: u64,
+}
+
+fn default_crl_refresh() -> u64 {
+    DEFAULT_CRL_REFRESH_SECS
 }
 
 fn default_stats_interval() -> u64 {
@@ -88,7 +103,7 @@ impl GatewayConfig {
             format!(
                 "{}; expected the keys name, fqdn, instance, listen, tunnel_listen, \
                  server_cert, server_key, site_root, log_dir (and optionally metrics_listen, \
-                 stats_interval_secs)",
+                 stats_interval_secs, crl_files, crl_refresh_secs)",
                 e.to_string().trim_end()
             )
         })
@@ -101,7 +116,10 @@ impl GatewayConfig {
             &mut self.server_key,
             &mut self.site_root,
             &mut self.log_dir,
-        ] {
+        ]
+        .into_iter()
+        .chain(self.crl_files.iter_mut())
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -130,6 +148,9 @@ impl GatewayConfig {
         }
         if self.stats_interval_secs == 0 {
             return Err("'stats_interval_secs' must be at least 1".into());
+        }
+        if self.crl_refresh_secs < 10 {
+            return Err("'crl_refresh_secs' must be at least 10".into());
         }
         Ok(())
     }
@@ -163,6 +184,19 @@ mod tests {
         assert_eq!(config.server_cert, dir.path().join("cmg.crt"));
         assert_eq!(config.server_key, PathBuf::from("/etc/cmg/cmg.key"));
         assert_eq!(config.log_dir, dir.path().join("logs"));
+        assert!(config.crl_files.is_empty());
+        assert_eq!(config.crl_refresh_secs, DEFAULT_CRL_REFRESH_SECS);
+        std::fs::write(
+            &path,
+            format!("{SAMPLE}\ncrl_files = [\"ca.crl\", \"/etc/ca2.crl\"]\ncrl_refresh_secs = 60"),
+        )
+        .unwrap();
+        let config = GatewayConfig::load(&path).unwrap();
+        assert_eq!(
+            config.crl_files,
+            vec![dir.path().join("ca.crl"), PathBuf::from("/etc/ca2.crl")]
+        );
+        assert_eq!(config.crl_refresh_secs, 60);
     }
 
     #[test]

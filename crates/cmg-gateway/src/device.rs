@@ -18,7 +18,11 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use rustls::pki_types::{CertificateDer, UnixTime};
+
+use crate::crl;
 use crate::error::{Body, Denial, RelayError, json_response};
+use crate::pki::{self, Verdict};
 use crate::policy::{self, CachedAuth, Identity, Route};
 use crate::stats::{METADATA, UNMAPPED};
 use crate::{Shared, unix_now};
@@ -38,8 +42,21 @@ pub(crate) struct Peer {
     pub remote: SocketAddr,
     /// base64url SHA-256 of the client certificate; the handshake proved the key.
     pub thumbprint: Option<String>,
+    /// The certificate chain the device sent: its certificate, then any intermediates (kept
+    /// for path building).
+    pub chain: Vec<CertificateDer<'static>>,
     /// The token verified on this connection.
     pub verified: Mutex<Option<CachedAuth>>,
+    /// The chain and CRL verdict on this connection's certificate.
+    pub pki: Mutex<Option<CachedPki>>,
+}
+
+/// A PKI verdict remembered on a connection, valid for one settings version and CRL generation.
+#[derive(Debug, Clone)]
+pub(crate) struct CachedPki {
+    version: i64,
+    generation: u64,
+    verdict: Verdict,
 }
 
 pub(crate) async fn serve(
@@ -79,16 +96,19 @@ pub(crate) async fn serve(
                 Ok(Err(e)) => return tracing::debug!(%remote, "TLS handshake failed: {e}"),
                 Err(_) => return tracing::debug!(%remote, "TLS handshake timed out"),
             };
-            let thumbprint = stream
+            let chain: Vec<CertificateDer<'static>> = stream
                 .get_ref()
                 .1
                 .peer_certificates()
-                .and_then(|chain| chain.first())
-                .map(|cert| cmg_pki::thumbprint_sha256(cert));
+                .map(|chain| chain.iter().map(|c| c.clone().into_owned()).collect())
+                .unwrap_or_default();
+            let thumbprint = chain.first().map(|cert| cmg_pki::thumbprint_sha256(cert));
             let peer = Arc::new(Peer {
                 remote,
                 thumbprint,
+                chain,
                 verified: Mutex::new(None),
+                pki: Mutex::new(None),
             });
             let service = hyper::service::service_fn(move |request: Request<Incoming>| {
                 handle(Arc::clone(&shared), Arc::clone(&peer), request)
@@ -201,15 +221,30 @@ async fn route(
         Route::Relay { endpoint, .. } => endpoint.to_owned(),
     };
     outcome.label.clone_from(&endpoint);
-    let identity = policy::authorize(
-        &active,
-        &endpoint,
-        peer.thumbprint.as_deref(),
-        request.headers().get(header::AUTHORIZATION),
-        unix_now(),
-        &peer.verified,
-    )
-    .map_err(RelayError::Downstream)?;
+    let identity = match pki_verdict(shared, peer, &active).await {
+        Some(Verdict::Trusted { subject }) => Identity::Pki { subject },
+        Some(refused @ (Verdict::Revoked { .. } | Verdict::Unknown { .. })) => {
+            return Err(RelayError::Downstream(refused.denial().unwrap_or_else(
+                || {
+                    Denial::new(
+                        StatusCode::FORBIDDEN,
+                        "CMGService_Certificate_Revoked",
+                        "the client certificate is refused",
+                        "enroll the device for a new certificate",
+                    )
+                },
+            )));
+        }
+        Some(Verdict::NotTrusted { .. }) | None => policy::authorize(
+            &active,
+            &endpoint,
+            peer.thumbprint.as_deref(),
+            request.headers().get(header::AUTHORIZATION),
+            unix_now(),
+            &peer.verified,
+        )
+        .map_err(RelayError::Downstream)?,
+    };
     let thumbprint = peer.thumbprint.clone().unwrap_or_default();
     let forwarded = forward_request(shared, request, &identity, &thumbprint, outcome).await?;
     let (tunnel, response) = shared.tunnels.send(forwarded).await?;
@@ -217,6 +252,68 @@ async fn route(
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     Ok(Response::from_parts(parts, body.boxed()))
+}
+
+/// The PKI verdict on the connection's certificate (DESIGN §4), decided once per connection,
+/// settings version and CRL generation. `None` when no certificate was sent or no CA is trusted.
+async fn pki_verdict(shared: &Shared, peer: &Peer, active: &policy::Active) -> Option<Verdict> {
+    let store = active.trust.as_ref()?;
+    if peer.chain.is_empty() {
+        return None;
+    }
+    let version = active.settings.version;
+    let cached = peer
+        .pki
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .filter(|c| c.version == version && c.generation == shared.crls.generation())
+        .map(|c| c.verdict.clone());
+    if let Some(verdict) = cached {
+        return Some(verdict);
+    }
+    let now = UnixTime::now();
+    let (verdict, generation) = match pki::chain_check(store, &peer.chain, now) {
+        Err(reason) => (Verdict::NotTrusted { reason }, shared.crls.generation()),
+        Ok(subject) if !active.settings.crl_check => {
+            (Verdict::Trusted { subject }, shared.crls.generation())
+        }
+        Ok(_) => {
+            // The distribution points of a certificate a trusted CA signed (and of the
+            // intermediates the device sent): fetched now if never seen.
+            let urls: Vec<String> = peer
+                .chain
+                .iter()
+                .filter_map(|c| cmg_pki::crl::crl_distribution_points(c).ok())
+                .flatten()
+                .collect();
+            crl::learn(shared, &urls).await;
+            let set = shared.crls.snapshot();
+            let crls = set.usable(unix_now());
+            (
+                pki::decide(store, &peer.chain, Some(&crls), now),
+                set.generation,
+            )
+        }
+    };
+    match &verdict {
+        Verdict::Trusted { subject } => tracing::debug!(
+            remote = %peer.remote,
+            crl_check = active.settings.crl_check,
+            "connection authenticated by PKI certificate {subject}"
+        ),
+        Verdict::NotTrusted { reason } => tracing::debug!(
+            remote = %peer.remote,
+            "client certificate does not chain to a trusted CA ({reason}); token rules apply"
+        ),
+        Verdict::Revoked { .. } | Verdict::Unknown { .. } => {}
+    }
+    *peer.pki.lock().unwrap_or_else(|p| p.into_inner()) = Some(CachedPki {
+        version,
+        generation,
+        verdict: verdict.clone(),
+    });
+    Some(verdict)
 }
 
 fn metadata(shared: &Shared, method: &Method) -> Result<Response<Body>, RelayError> {
@@ -299,6 +396,12 @@ async fn forward_request(
     headers.remove(header::CONTENT_LENGTH);
     let value = |s: &str| HeaderValue::from_str(s).map_err(RelayError::internal);
     headers.insert(relay::IDENTITY, HeaderValue::from_static(identity.kind()));
+    if let Identity::Pki { subject } = identity {
+        headers.insert(
+            relay::PKI_SUBJECT,
+            HeaderValue::from_bytes(subject.as_bytes()).map_err(RelayError::internal)?,
+        );
+    }
     headers.insert(relay::CLIENT_THUMBPRINT, value(thumbprint)?);
     headers.insert(relay::GATEWAY, shared.gateway_header.clone());
     let mut forwarded = Request::builder()

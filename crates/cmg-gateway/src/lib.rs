@@ -4,6 +4,9 @@
 //!   checks every request against the URL map and the device's token (DESIGN §4), and relays it;
 //! - [`tunnel`] accepts connection points (client certificates from the site root only), is the
 //!   HTTP/2 client on each tunnel, keeps a settings long poll going and round-robins requests;
+//! - [`pki`] decides, once per connection, whether a client certificate chains to a trusted CA
+//!   of the CMG and is not revoked (a PKI device needs no token); [`crl`] loads, fetches and
+//!   refreshes the CRLs it checks against;
 //! - [`policy`] holds the rules as pure functions; [`stats`] the counters behind
 //!   `CMGService.log` and the Prometheus metrics.
 //!
@@ -20,8 +23,10 @@
 //! ```
 
 mod config;
+mod crl;
 mod device;
 mod error;
+mod pki;
 mod policy;
 mod stats;
 mod tunnel;
@@ -41,7 +46,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
-pub use config::{DEFAULT_STATS_INTERVAL_SECS, GatewayConfig, MAX_INSTANCES};
+pub use config::{
+    DEFAULT_CRL_REFRESH_SECS, DEFAULT_STATS_INTERVAL_SECS, GatewayConfig, MAX_INSTANCES,
+};
 pub use device::{MAX_BODY_BYTES, REQUEST_TIMEOUT};
 pub use error::{Denial, GatewayError, RelayError};
 
@@ -68,6 +75,8 @@ pub(crate) struct Shared {
     active: RwLock<Option<Arc<Active>>>,
     tunnels: tunnel::Tunnels,
     stats: stats::Stats,
+    /// CRLs for PKI client certificates.
+    crls: crl::CrlStore,
     /// The device-side TLS acceptor and the minimum TLS version it enforces.
     device_tls: RwLock<(String, TlsAcceptor)>,
     cert_pem: String,
@@ -120,15 +129,29 @@ impl Shared {
         self.handler_log.info(&format!(
             "Settings version {} -> {version} (from tunnel {tunnel}): {} verification key(s), \
              {} mapped URL(s), {} management point(s), {} blocked bulk token(s), {} blocked \
-             device(s), minimum TLS {}",
+             device(s), {}, CRL check {}, minimum TLS {}",
             previous.map_or_else(|| "none".to_owned(), |v| v.to_string()),
             active.key_count,
             s.url_map.len(),
             s.management_points.len(),
             s.blocked_bulk_tokens.len(),
             s.blocked_devices.len(),
+            active.trust.as_ref().map_or_else(
+                || "no trusted CA for PKI client certificates".to_owned(),
+                |t| {
+                    let (anchors, intermediates) = t.counts();
+                    format!(
+                        "{anchors} trusted CA anchor(s) and {intermediates} intermediate(s) for \
+                         PKI client certificates"
+                    )
+                }
+            ),
+            if s.crl_check { "on" } else { "off" },
             s.min_tls,
         ));
+        if s.crl_check && active.trust.is_some() {
+            self.crls.wake.notify_one();
+        }
         for problem in &active.key_problems {
             self.handler_log
                 .error(&format!("Settings version {version}: {problem}"));
@@ -243,12 +266,14 @@ impl Gateway {
             active: RwLock::new(None),
             tunnels: tunnel::Tunnels::default(),
             stats: stats::Stats::default(),
+            crls: crl::CrlStore::default(),
             device_tls: RwLock::new((DEFAULT_MIN_TLS.to_owned(), TlsAcceptor::from(device_tls))),
             cert_pem,
             key_pem,
             gateway_header,
             config,
         });
+        crl::load_files(&shared).map_err(|reason| GatewayError::Config { path: None, reason })?;
         let (stop_devices, devices_stopped) = watch::channel(false);
         let (stop_tunnels, tunnels_stopped) = watch::channel(false);
         let device_task = tokio::spawn(device::serve(
@@ -262,10 +287,10 @@ impl Gateway {
             Arc::clone(&shared),
             tunnels_stopped,
         ));
-        let mut background = vec![tokio::spawn(report_traffic(
-            Arc::clone(&shared),
-            devices_stopped.clone(),
-        ))];
+        let mut background = vec![
+            tokio::spawn(report_traffic(Arc::clone(&shared), devices_stopped.clone())),
+            tokio::spawn(crl::run(Arc::clone(&shared), devices_stopped.clone())),
+        ];
         if let Some((listener, _)) = metrics {
             background.push(tokio::spawn(serve_metrics(
                 listener,

@@ -27,11 +27,15 @@ pub(crate) struct Active {
     pub key_problems: Vec<String>,
     /// How many verification keys were usable.
     pub key_count: usize,
+    /// The trusted CAs for PKI client certificates; `None` when none is usable.
+    pub trust: Option<crate::pki::TrustStore>,
 }
 
 impl Active {
     pub fn new(settings: GatewaySettings) -> Active {
-        let (keys, key_problems) = verification_keys(&settings.jwks);
+        let (keys, mut key_problems) = verification_keys(&settings.jwks);
+        let (trust, trust_problems) = crate::pki::TrustStore::new(&settings.trusted_cas);
+        key_problems.extend(trust_problems);
         let key_count = keys.len();
         let verifier = TokenVerifier::new(&settings.hierarchy_id, keys);
         let revocations = Revocations {
@@ -50,6 +54,7 @@ impl Active {
             revocations,
             key_problems,
             key_count,
+            trust,
             settings,
         }
     }
@@ -154,6 +159,8 @@ pub(crate) enum Identity {
     Token { client_id: String },
     /// A bulk registration token, on the registration endpoint only.
     BulkRegistration { unique_id: String },
+    /// A client certificate that chains to a trusted CA and is not revoked; no token needed.
+    Pki { subject: String },
 }
 
 impl Identity {
@@ -162,6 +169,7 @@ impl Identity {
         match self {
             Identity::Token { .. } => "Token",
             Identity::BulkRegistration { .. } => "BulkRegistration",
+            Identity::Pki { .. } => "PKI",
         }
     }
 
@@ -172,6 +180,7 @@ impl Identity {
             Identity::BulkRegistration { unique_id } => {
                 format!("bulk registration token {unique_id}")
             }
+            Identity::Pki { subject } => format!("PKI certificate {subject}"),
         }
     }
 }

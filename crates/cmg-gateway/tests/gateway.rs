@@ -74,7 +74,11 @@ impl Site {
         issued: i64,
         validity: i64,
     ) -> String {
-        let thumbprint = cmg_pki::thumbprint_sha256(device.cert_der());
+        self.client_token_der(device.cert_der(), client_id, issued, validity)
+    }
+
+    fn client_token_der(&self, der: &[u8], client_id: &str, issued: i64, validity: i64) -> String {
+        let thumbprint = cmg_pki::thumbprint_sha256(der);
         self.issuer
             .mint_client(&ClientTokenRequest {
                 client_id,
@@ -108,8 +112,16 @@ struct Harness {
 }
 
 async fn start() -> Harness {
+    start_with("", &[]).await
+}
+
+/// Starts a gateway with extra configuration lines and extra files in its directory.
+async fn start_with(extra: &str, files: &[(&str, &[u8])]) -> Harness {
     let site = Site::new();
     let dir = tempfile::tempdir().unwrap();
+    for (name, contents) in files {
+        std::fs::write(dir.path().join(name), contents).unwrap();
+    }
     let server = site
         .root
         .issue(
@@ -139,6 +151,7 @@ async fn start() -> Harness {
         site_root = "site-root.crt"
         log_dir = "logs"
     "#;
+    let toml = format!("{toml}\n{extra}\n");
     std::fs::write(dir.path().join("gateway.toml"), toml).unwrap();
     let config = GatewayConfig::load(&dir.path().join("gateway.toml")).unwrap();
     let gateway = Gateway::start(config).await.unwrap();
@@ -763,6 +776,397 @@ async fn the_minimum_tls_version_follows_the_settings() {
     assert!(tls12.get(&meta).send().await.is_err(), "TLS 1.2 is refused");
     let ok = device_client(&h, None).get(&meta).send().await.unwrap();
     assert_eq!(ok.status().as_u16(), 200);
+    connector.stop();
+    h.gateway.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// PKI client certificates (DESIGN §4, first row) and CRLs.
+
+mod test_pki {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertificateRevocationListParams, CrlDistributionPoint,
+        DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair,
+        KeyUsagePurpose, RevokedCertParams, SerialNumber,
+    };
+    use time::{Duration, OffsetDateTime};
+
+    /// A CA of the customer's PKI (not the site's).
+    pub struct Ca {
+        pub pem: String,
+        issuer: Issuer<'static, KeyPair>,
+    }
+
+    /// A device certificate with its chain and key.
+    pub struct Device {
+        pub der: Vec<u8>,
+        pub serial: u64,
+        /// Certificate, then the intermediates the device sends, then the key.
+        pub identity_pem: String,
+    }
+
+    fn dn(cn: &str) -> DistinguishedName {
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, cn);
+        dn.push(DnType::OrganizationName, "Contoso");
+        dn
+    }
+
+    pub fn ca(name: &str, parent: Option<&Ca>) -> Ca {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn(name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.use_authority_key_identifier_extension = parent.is_some();
+        params.not_before = OffsetDateTime::now_utc() - Duration::hours(1);
+        params.not_after = OffsetDateTime::now_utc() + Duration::days(365);
+        let cert = match parent {
+            None => params.self_signed(&key).unwrap(),
+            Some(p) => params.signed_by(&key, &p.issuer).unwrap(),
+        };
+        Ca {
+            pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// A client authentication certificate from `ca`; `sent` are the intermediates the device
+    /// sends in its TLS chain.
+    pub fn device(ca: &Ca, cn: &str, serial: u64, cdp: Option<&str>, sent: &[&Ca]) -> Device {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn(cn);
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.serial_number = Some(SerialNumber::from(serial));
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = OffsetDateTime::now_utc() - Duration::hours(1);
+        params.not_after = OffsetDateTime::now_utc() + Duration::days(30);
+        if let Some(url) = cdp {
+            params.crl_distribution_points = vec![CrlDistributionPoint {
+                uris: vec![url.to_owned()],
+            }];
+        }
+        let cert = params.signed_by(&key, &ca.issuer).unwrap();
+        let mut identity_pem = cert.pem();
+        for ca in sent {
+            identity_pem.push_str(&ca.pem);
+        }
+        identity_pem.push_str(&key.serialize_pem());
+        Device {
+            der: cert.der().to_vec(),
+            serial,
+            identity_pem,
+        }
+    }
+
+    /// A CRL of `ca` revoking these serial numbers, valid for an hour; PEM and DER.
+    pub fn crl(ca: &Ca, revoked: &[u64]) -> (String, Vec<u8>) {
+        let now = OffsetDateTime::now_utc();
+        let crl = CertificateRevocationListParams {
+            this_update: now - Duration::minutes(5),
+            next_update: now + Duration::hours(1),
+            crl_number: SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|s| RevokedCertParams {
+                    serial_number: SerialNumber::from(*s),
+                    revocation_time: now - Duration::minutes(1),
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        }
+        .signed_by(&ca.issuer)
+        .unwrap();
+        (crl.pem().unwrap(), crl.der().to_vec())
+    }
+}
+
+fn pki_client(h: &Harness, device: &test_pki::Device) -> reqwest::Client {
+    let root =
+        reqwest::Certificate::from_pem(h.site.root.credential().cert_pem().as_bytes()).unwrap();
+    reqwest::Client::builder()
+        .tls_certs_only([root])
+        .identity(reqwest::Identity::from_pem(device.identity_pem.as_bytes()).unwrap())
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn pki_devices_need_no_token_and_revoked_or_untrusted_ones_do_not_get_in() {
+    let root = test_pki::ca("Contoso Root CA", None);
+    let issuing = test_pki::ca("Contoso Issuing CA", Some(&root));
+    let good = test_pki::device(&issuing, "pki-device-1", 1001, None, &[&issuing]);
+    let revoked = test_pki::device(&issuing, "pki-device-2", 1002, None, &[&issuing]);
+    let stranger_ca = test_pki::ca("Fabrikam Root CA", None);
+    let stranger = test_pki::device(&stranger_ca, "stranger", 7, None, &[]);
+    let (crl_pem, _) = test_pki::crl(&issuing, &[revoked.serial]);
+
+    let h = start_with(
+        "crl_files = [\"issuing.crl\"]",
+        &[("issuing.crl", crl_pem.as_bytes())],
+    )
+    .await;
+    let mut settings = h.site.settings(1);
+    // Only the root is trusted: the devices send the issuing CA in their TLS chain.
+    settings.trusted_cas = vec![root.pem.clone()];
+    settings.crl_check = true;
+    let connector = connect(&h, &cp_cert(&h), settings.clone()).await;
+    eventually("settings", || h.gateway.settings_version() == Some(1)).await;
+
+    // A trusted, unrevoked device: no token, every mapped endpoint, registration included.
+    let client = pki_client(&h, &good);
+    for endpoint in [mp::POLICY, mp::REGISTRATION] {
+        let r = client.post(url(&h, endpoint)).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 200, "{endpoint}");
+    }
+    let seen = connector.seen();
+    assert_eq!(seen.len(), 2);
+    for s in &seen {
+        assert_eq!(s.headers[relay::IDENTITY], "PKI");
+        let subject = s.headers[relay::PKI_SUBJECT].to_str().unwrap();
+        assert!(subject.contains("CN=pki-device-1"), "{subject}");
+        assert_eq!(
+            s.headers[relay::CLIENT_THUMBPRINT],
+            cmg_pki::thumbprint_sha256(&good.der).as_str()
+        );
+        assert!(!s.headers.contains_key("authorization"));
+    }
+    // A token sent as well is forwarded for the MP, but the identity is the certificate's.
+    let r = client
+        .post(url(&h, mp::TOKEN_RENEWAL))
+        .bearer_auth("not.a.token")
+        .header("x-cmg-pki-subject", "CN=forged")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let s = &connector.seen()[2];
+    assert_eq!(s.headers[relay::IDENTITY], "PKI");
+    assert_eq!(s.headers["authorization"], "Bearer not.a.token");
+    assert_eq!(s.headers.get_all(relay::PKI_SUBJECT).iter().count(), 1);
+    assert!(
+        s.headers[relay::PKI_SUBJECT]
+            .to_str()
+            .unwrap()
+            .contains("pki-device-1")
+    );
+
+    // Revoked by the CRL file: 403, even with a valid client token bound to it.
+    let revoked_client = pki_client(&h, &revoked);
+    let token = h
+        .site
+        .client_token_der(&revoked.der, "GUID:REVOKED", now(), 86_400);
+    for auth in [None, Some(&token)] {
+        let mut request = revoked_client.post(url(&h, mp::POLICY));
+        if let Some(token) = auth {
+            request = request.bearer_auth(token);
+        }
+        let (status, code, message) = error_of(request.send().await.unwrap()).await;
+        assert_eq!(
+            (status.as_u16(), code.as_str()),
+            (403, "CMGService_Certificate_Revoked"),
+            "{message}"
+        );
+    }
+
+    // From an untrusted CA: the token rules, exactly as for a self-signed certificate.
+    let stranger_client = pki_client(&h, &stranger);
+    let (status, code, _) = error_of(
+        stranger_client
+            .post(url(&h, mp::POLICY))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status.as_u16(), code.as_str()),
+        (401, "CMGService_Invalid_Token")
+    );
+    let token = h
+        .site
+        .client_token_der(&stranger.der, "GUID:STRANGER", now(), 86_400);
+    let r = stranger_client
+        .post(url(&h, mp::POLICY))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let s = connector.seen().last().unwrap().clone();
+    assert_eq!(s.headers[relay::IDENTITY], "Token");
+    assert!(!s.headers.contains_key(relay::PKI_SUBJECT));
+    // Self-signed token devices still get in.
+    let device = device_cert();
+    let token = h.site.client_token(&device, "GUID:SELF", now(), 86_400);
+    let r = device_client(&h, Some(&device))
+        .post(url(&h, mp::POLICY))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let relayed = connector.seen().len();
+
+    // With the CRL check off, the revoked certificate is accepted (same connection: the
+    // verdict is cached per settings version).
+    settings.version = 2;
+    settings.crl_check = false;
+    connector.settings.send_replace(settings);
+    eventually("settings 2", || h.gateway.settings_version() == Some(2)).await;
+    let r = revoked_client
+        .post(url(&h, mp::POLICY))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let s = connector.seen().last().unwrap().clone();
+    assert_eq!(connector.seen().len(), relayed + 1);
+    assert_eq!(s.headers[relay::IDENTITY], "PKI");
+    assert!(
+        s.headers[relay::PKI_SUBJECT]
+            .to_str()
+            .unwrap()
+            .contains("pki-device-2")
+    );
+
+    let log = std::fs::read_to_string(h.dir.path().join("logs/CMGHttpHandler.log")).unwrap();
+    assert!(log.contains("CRL file"), "{log}");
+    assert!(log.contains("1 revoked certificate(s)"), "{log}");
+    assert!(log.contains("certificate_revoked"), "{log}");
+    assert!(log.contains("CRL check on"), "{log}");
+    connector.stop();
+    h.gateway.shutdown().await;
+}
+
+#[tokio::test]
+async fn without_a_crl_a_pki_device_gets_revocation_unknown_when_the_check_is_on() {
+    let root = test_pki::ca("Contoso Root CA", None);
+    let device = test_pki::device(&root, "pki-device-3", 3003, None, &[]);
+    let h = start().await;
+    let mut settings = h.site.settings(1);
+    settings.trusted_cas = vec![root.pem.clone()];
+    settings.crl_check = true;
+    let connector = connect(&h, &cp_cert(&h), settings).await;
+    eventually("settings", || h.gateway.settings_version() == Some(1)).await;
+    let (status, code, message) = error_of(
+        pki_client(&h, &device)
+            .post(url(&h, mp::POLICY))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status.as_u16(), code.as_str()),
+        (403, "CMGService_Revocation_Unknown"),
+        "{message}"
+    );
+    assert!(connector.seen().is_empty());
+    let log = std::fs::read_to_string(h.dir.path().join("logs/CMGHttpHandler.log")).unwrap();
+    assert!(log.contains("revocation_unknown"), "{log}");
+    connector.stop();
+    h.gateway.shutdown().await;
+}
+
+/// Serves one CRL over plain HTTP/1.1 on 127.0.0.1, counting downloads.
+async fn serve_crl(der: Vec<u8>) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/pki/issuing.crl", listener.local_addr().unwrap());
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = Arc::clone(&hits);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let der = der.clone();
+            let counter = Arc::clone(&counter);
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&request);
+                let response = if head.starts_with("GET /pki/issuing.crl ") {
+                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let mut r = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/pkix-crl\r\n\
+                         content-length: {}\r\nconnection: close\r\n\r\n",
+                        der.len()
+                    )
+                    .into_bytes();
+                    r.extend_from_slice(&der);
+                    r
+                } else {
+                    b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                        .to_vec()
+                };
+                let _ = tcp.write_all(&response).await;
+                let _ = tcp.shutdown().await;
+            });
+        }
+    });
+    (url, hits)
+}
+
+#[tokio::test]
+async fn the_crl_at_a_device_certificates_distribution_point_is_fetched_and_applied() {
+    let root = test_pki::ca("Contoso Root CA", None);
+    let issuing = test_pki::ca("Contoso Issuing CA", Some(&root));
+    // The CRL names the serial of the second device; the server is up before the devices.
+    let (_, crl_der) = test_pki::crl(&issuing, &[2002]);
+    let (cdp, hits) = serve_crl(crl_der).await;
+    // Both CAs are trusted; the devices send only their own certificate.
+    let good = test_pki::device(&issuing, "pki-device-4", 2001, Some(&cdp), &[]);
+    let revoked = test_pki::device(&issuing, "pki-device-5", 2002, Some(&cdp), &[]);
+
+    let h = start().await;
+    let mut settings = h.site.settings(1);
+    settings.trusted_cas = vec![format!("{}{}", root.pem, issuing.pem)];
+    settings.crl_check = true;
+    let connector = connect(&h, &cp_cert(&h), settings).await;
+    eventually("settings", || h.gateway.settings_version() == Some(1)).await;
+
+    let r = pki_client(&h, &good)
+        .post(url(&h, mp::POLICY))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(connector.seen()[0].headers[relay::IDENTITY], "PKI");
+    let (status, code, message) = error_of(
+        pki_client(&h, &revoked)
+            .post(url(&h, mp::POLICY))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status.as_u16(), code.as_str()),
+        (403, "CMGService_Certificate_Revoked"),
+        "{message}"
+    );
+    assert_eq!(connector.seen().len(), 1);
+    assert_eq!(
+        hits.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the CRL is downloaded once, not per connection"
+    );
+    let log = std::fs::read_to_string(h.dir.path().join("logs/CMGHttpHandler.log")).unwrap();
+    assert!(log.contains(&format!("CRL fetched from {cdp}")), "{log}");
     connector.stop();
     h.gateway.shutdown().await;
 }

@@ -6,6 +6,7 @@
 //! decide policy, or touch the database. Later it also owns chain and CRL verification for the
 //! gateway (DESIGN §4).
 
+pub mod crl;
 pub mod tls;
 
 use std::fmt;
@@ -39,6 +40,8 @@ pub enum PkiError {
     InvalidKeyFile { what: String, reason: String },
     #[error("{what} is not a valid certificate: {reason}")]
     InvalidCertificate { what: String, reason: String },
+    #[error("{what} is not a valid CRL: {reason}")]
+    InvalidCrl { what: String, reason: String },
     #[error("cannot write {path}: {source}")]
     Write {
         path: String,
@@ -412,6 +415,19 @@ pub fn count_roots(pems: &[String]) -> Result<(usize, usize), PkiError> {
         }
     }
     Ok(counts)
+}
+
+/// The raw DER of a certificate's subject and issuer names (as chain building compares them).
+pub fn subject_and_issuer_der(der: &[u8]) -> Result<(Vec<u8>, Vec<u8>), PkiError> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| PkiError::InvalidCertificate {
+            what: "certificate".into(),
+            reason: e.to_string(),
+        })?;
+    Ok((
+        cert.subject().as_raw().to_vec(),
+        cert.issuer().as_raw().to_vec(),
+    ))
 }
 
 /// The facts about a certificate that the site records and shows.

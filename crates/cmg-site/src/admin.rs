@@ -600,6 +600,21 @@ impl AdminService {
         Ok(out)
     }
 
+    /// Requests and bytes per endpoint over the last 14 days, and the outbound data alert level.
+    pub async fn cmg_traffic(
+        &self,
+        name: &str,
+    ) -> Result<(Vec<cmg_store::EndpointTraffic>, crate::cmg::AlertLevel), SiteError> {
+        let def = self.cmg(name).await?;
+        let since = unix_now() - crate::cmg::ALERT_WINDOW_SECS;
+        let totals = self.site.store().traffic_since(&def.name, since).await?;
+        let bytes_out = totals.iter().map(|t| t.bytes_out).sum();
+        Ok((
+            totals,
+            crate::cmg::alert_level(bytes_out, def.data_alert_gb),
+        ))
+    }
+
     pub async fn delete_cmg(&self, name: &str) -> Result<(), SiteError> {
         let def = self.cmg(name).await?;
         self.site.store().delete_cmg(&def.name, &self.actor).await?;

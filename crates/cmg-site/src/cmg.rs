@@ -149,3 +149,53 @@ pub(crate) fn write_instance_configs(
 fn read(path: &Path) -> Result<String, SiteError> {
     std::fs::read_to_string(path).map_err(SiteError::io("read", path))
 }
+
+/// How long the outbound data alert looks back (DESIGN §2).
+pub const ALERT_WINDOW_SECS: i64 = 14 * 86_400;
+
+/// The 14-day outbound data alert state of a CMG.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum AlertLevel {
+    Normal,
+    /// At least 50 % of the threshold.
+    Warning,
+    /// At least 90 % of the threshold.
+    Critical,
+}
+
+impl AlertLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlertLevel::Normal => "normal",
+            AlertLevel::Warning => "warning (50 % of the threshold)",
+            AlertLevel::Critical => "critical (90 % of the threshold)",
+        }
+    }
+}
+
+/// The alert level of `bytes_out` against a threshold of `threshold_gb` (10^9 bytes each).
+pub fn alert_level(bytes_out: i64, threshold_gb: u64) -> AlertLevel {
+    let threshold = u128::from(threshold_gb) * 1_000_000_000;
+    let used = u128::try_from(bytes_out.max(0)).unwrap_or(0) * 100;
+    if threshold > 0 && used >= threshold * 90 {
+        AlertLevel::Critical
+    } else if threshold > 0 && used >= threshold * 50 {
+        AlertLevel::Warning
+    } else {
+        AlertLevel::Normal
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alert_levels_at_50_and_90_percent() {
+        assert_eq!(alert_level(0, 10_000), AlertLevel::Normal);
+        assert_eq!(alert_level(4_999_999_999_999, 10_000), AlertLevel::Normal);
+        assert_eq!(alert_level(5_000_000_000_000, 10_000), AlertLevel::Warning);
+        assert_eq!(alert_level(9_000_000_000_000, 10_000), AlertLevel::Critical);
+        assert_eq!(alert_level(900, 0), AlertLevel::Normal);
+    }
+}

@@ -29,6 +29,7 @@ mod records;
 mod status;
 #[cfg(feature = "testing")]
 pub mod testing;
+mod traffic;
 
 use std::fmt;
 use std::sync::Arc;
@@ -42,6 +43,7 @@ pub use records::{
     AuditEntry, BulkTokenRecord, CertPurpose, CertStatus, CertificateRecord, CmgRecord,
     DeviceConflict, DeviceRecord, MpRecord, SiteRecord, StatusMessageRecord, StatusRow,
 };
+pub use traffic::{EndpointTraffic, TrafficRow};
 
 /// Which database a [`Store`] runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

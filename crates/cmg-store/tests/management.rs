@@ -952,3 +952,54 @@ async fn a_status_batch_sent_twice_is_stored_once() {
         assert!(s.audit_log(10).await.unwrap().is_empty(), "{}", t.label);
     }
 }
+
+#[tokio::test]
+async fn traffic_reports_add_up_per_endpoint_and_period() {
+    for t in test_stores().await {
+        let s = &t.store;
+        let row = |connector: &str, endpoint: &str, period: i64, requests: i64, out: i64| {
+            cmg_store::TrafficRow {
+                cmg: "GraniteFalls".into(),
+                connector: connector.into(),
+                endpoint: endpoint.into(),
+                period_start: period,
+                requests,
+                bytes_in: requests * 10,
+                bytes_out: out,
+            }
+        };
+        s.record_traffic(&[
+            row("cp1", "/CCM_STS", 1_000, 2, 200),
+            row("cp1", "/SMS_MP/.sms_pol", 1_000, 1, 50),
+        ])
+        .await
+        .unwrap();
+        // The same period again (a retried report) and another connection point add up.
+        s.record_traffic(&[
+            row("cp1", "/CCM_STS", 1_000, 1, 100),
+            row("cp2", "/CCM_STS", 1_300, 4, 400),
+        ])
+        .await
+        .unwrap();
+        s.record_traffic(&[row("cp1", "/CCM_STS", 10, 100, 100_000)])
+            .await
+            .unwrap();
+        let totals = s.traffic_since("GraniteFalls", 1_000).await.unwrap();
+        assert_eq!(totals.len(), 2, "{}", t.label);
+        assert_eq!(
+            (
+                totals[0].endpoint.as_str(),
+                totals[0].requests,
+                totals[0].bytes_out
+            ),
+            ("/CCM_STS", 7, 700),
+            "{}",
+            t.label
+        );
+        assert_eq!(
+            (totals[1].requests, totals[1].bytes_in, totals[1].bytes_out),
+            (1, 10, 50)
+        );
+        assert!(s.traffic_since("Other", 0).await.unwrap().is_empty());
+    }
+}

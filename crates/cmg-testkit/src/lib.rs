@@ -316,7 +316,7 @@ pub struct TestCmg {
     /// The development CA that issued the gateways' server certificate (devices trust it).
     pub ca_pem: String,
     pub gateways: Vec<cmg_gateway::Gateway>,
-    connector: Option<cmg_connector::Connector>,
+    connectors: Vec<cmg_connector::Connector>,
     connector_options: cmg_connector::ConnectorOptions,
     mp_role_id: i64,
     site: Arc<Site>,
@@ -383,6 +383,8 @@ impl TestSite {
                 site_root: root.clone(),
                 log_dir: dir.path().join(format!("logs-{instance}")),
                 stats_interval_secs: 1,
+                crl_files: Vec::new(),
+                crl_refresh_secs: 3600,
             };
             gateways.push(cmg_gateway::Gateway::start(config).await.expect("gateway"));
         }
@@ -400,13 +402,14 @@ impl TestSite {
         );
         options.verbose = true;
         options.max_backoff = Duration::from_millis(500);
+        options.report_interval = Duration::from_millis(300);
         self.settled().await;
         let mut cmg = TestCmg {
             name: def.name,
             fqdn,
             ca_pem: ca.credential().cert_pem().to_owned(),
             gateways,
-            connector: None,
+            connectors: Vec::new(),
             connector_options: options,
             mp_role_id: self.mp_role_id(),
             site: Arc::clone(self.site()),
@@ -419,7 +422,8 @@ impl TestSite {
 }
 
 impl TestCmg {
-    /// Starts the connection point and waits until every gateway has its tunnel and settings.
+    /// Starts a(nother) connection point and waits until every gateway has a tunnel from each
+    /// and the site's settings.
     pub async fn start_connector(&mut self) {
         let connector = cmg_connector::Connector::start(
             Arc::clone(&self.site),
@@ -428,18 +432,21 @@ impl TestCmg {
         )
         .await
         .expect("connection point");
-        self.connector = Some(connector);
-        let version = self.state.borrow().version;
-        self.wait_until(|g| g.tunnels() >= 1 && g.settings_version().is_some_and(|v| v >= version))
-            .await;
+        self.connectors.push(connector);
+        let (wanted, version) = (self.connectors.len(), self.state.borrow().version);
+        self.wait_until(|g| {
+            g.tunnels() >= wanted && g.settings_version().is_some_and(|v| v >= version)
+        })
+        .await;
     }
 
-    /// Stops the connection point (all tunnels close) and waits until the gateways see it.
+    /// Stops the oldest connection point (its tunnels close) and waits until the gateways see it.
     pub async fn stop_connector(&mut self) {
-        if let Some(connector) = self.connector.take() {
-            connector.shutdown().await;
+        if !self.connectors.is_empty() {
+            self.connectors.remove(0).shutdown().await;
         }
-        self.wait_until(|g| g.tunnels() == 0).await;
+        let remaining = self.connectors.len();
+        self.wait_until(|g| g.tunnels() == remaining).await;
     }
 
     /// Waits (up to 10 s) until `ready` holds for every gateway instance.
@@ -487,7 +494,7 @@ impl TestCmg {
     }
 
     pub async fn shutdown(mut self) {
-        if let Some(connector) = self.connector.take() {
+        for connector in self.connectors.drain(..) {
             connector.shutdown().await;
         }
         for gateway in self.gateways.drain(..) {

@@ -124,7 +124,28 @@ pub async fn run(admin: &AdminService, cmd: CmgCommand) -> anyhow::Result<()> {
             }
             show(&def);
         }
-        CmgCommand::Show { name } => show(&admin.cmg(&name).await?),
+        CmgCommand::Show { name } => {
+            let def = admin.cmg(&name).await?;
+            show(&def);
+            let (traffic, level) = admin.cmg_traffic(&def.name).await?;
+            println!("\nTraffic over the last 14 days:");
+            println!(
+                "  {:<28} {:>10} {:>16} {:>16}",
+                "ENDPOINT", "REQUESTS", "BYTES IN", "BYTES OUT"
+            );
+            for t in &traffic {
+                println!(
+                    "  {:<28} {:>10} {:>16} {:>16}",
+                    t.endpoint, t.requests, t.bytes_in, t.bytes_out
+                );
+            }
+            let out: i64 = traffic.iter().map(|t| t.bytes_out).sum();
+            println!(
+                "Outbound data: {out} bytes of {} GB; alert: {}",
+                def.data_alert_gb,
+                level.as_str()
+            );
+        }
         CmgCommand::List => {
             println!("{:<20} {:<40} INSTANCES", "NAME", "FQDN");
             for def in admin.cmgs().await? {
