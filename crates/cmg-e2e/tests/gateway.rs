@@ -378,3 +378,71 @@ async fn a_blocked_device_is_refused_by_every_instance_within_five_seconds() {
     cmg.shutdown().await;
     site.shutdown().await;
 }
+
+#[tokio::test]
+async fn pki_devices_from_a_trusted_ca_need_no_token_and_follow_the_crl_setting() {
+    use cmg_pki::{KeyAlgorithm, Role, SiteAuthority};
+    let site = TestSite::start(cmg_store::testing::sqlite_store().await).await;
+    let customer_ca = SiteAuthority::generate("CUS").unwrap();
+    let trusted = customer_ca.credential().cert_pem().to_owned();
+    let cmg = site.cmg_with(2, |d| d.trusted_cas = vec![trusted]).await;
+    let laptop = customer_ca
+        .issue("CUS", &Role::ConnectionPoint, KeyAlgorithm::EcdsaP256)
+        .unwrap();
+    let device = cmg.device_with(0, "pki-1", laptop.clone());
+
+    // CRL check on (the default) and no CRL published: the gateway cannot vouch for it.
+    let (status, body) = device.register(None).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::FORBIDDEN, Some("CMGService_Revocation_Unknown")),
+        "{body}"
+    );
+
+    let admin = site.admin().await;
+    admin
+        .modify_cmg("GraniteFalls", |d| d.crl_check = false)
+        .await
+        .unwrap();
+    let version = site.site().store().change_version().await.unwrap();
+    cmg.wait_until(|g| {
+        g.settings()
+            .is_some_and(|s| !s.crl_check && s.version >= version)
+    })
+    .await;
+
+    let (status, body) = device.register(None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        claims(body["client_token"].as_str().unwrap())["RegisteredVia"],
+        "PKI"
+    );
+    // Every mapped endpoint through the other instance, without any token.
+    let other = cmg.device_with(1, "pki-1", laptop);
+    let (status, body) = other.policy(None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, _) = other.location(None).await;
+    assert_eq!(status, StatusCode::OK);
+    let batch = serde_json::json!({"messages": [{"id": "p-1", "kind": "Heartbeat", "time": 1}]});
+    let reply = other
+        .client()
+        .post(format!("{}/ccm_system/request", other.base))
+        .json(&batch)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), StatusCode::OK);
+
+    // A certificate from a CA this CMG does not trust gets only the token rules.
+    let stranger_ca = SiteAuthority::generate("OTH").unwrap();
+    let stranger = stranger_ca
+        .issue("OTH", &Role::ConnectionPoint, KeyAlgorithm::EcdsaP256)
+        .unwrap();
+    let (status, body) = cmg.device_with(0, "pki-2", stranger).policy(None).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("CMGService_Invalid_Token"))
+    );
+    cmg.shutdown().await;
+    site.shutdown().await;
+}

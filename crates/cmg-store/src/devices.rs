@@ -375,6 +375,20 @@ impl Store {
         .map(DeviceRecord::from_row)
         .collect()
     }
+
+    /// The newest device record using the certificate with SHA-256 thumbprint `thumbprint`
+    /// (how a PKI device is found: it has no token naming its client ID).
+    pub async fn device_by_certificate(&self, thumbprint: &str) -> Result<Option<DeviceRecord>> {
+        sqlx::query(select_devices!(
+            "WHERE cert_thumbprint = $1 ORDER BY registered_at DESC, client_id LIMIT 1"
+        ))
+        .bind(thumbprint)
+        .fetch_optional(&self.db().pool)
+        .await
+        .map_err(StoreError::while_("reading a device by certificate"))?
+        .map(|row| DeviceRecord::from_row(&row))
+        .transpose()
+    }
 }
 
 impl Store {

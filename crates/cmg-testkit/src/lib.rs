@@ -328,6 +328,15 @@ impl TestSite {
     /// Defines a CMG with `instances` gateways, starts them on loopback, and starts a connection
     /// point for it; returns once every gateway has a tunnel and the site's settings.
     pub async fn cmg(&self, instances: u8) -> TestCmg {
+        self.cmg_with(instances, |_| {}).await
+    }
+
+    /// As [`TestSite::cmg`], letting the test adjust the definition (trusted CAs, CRL check…).
+    pub async fn cmg_with(
+        &self,
+        instances: u8,
+        adjust: impl FnOnce(&mut cmg_site::cmg::CmgDefinition),
+    ) -> TestCmg {
         let dir = tempfile::tempdir().expect("temp dir");
         let fqdn = "granitefalls.cmg.test".to_owned();
         let ca = cmg_pki::SiteAuthority::generate("DEV").expect("dev CA");
@@ -341,7 +350,7 @@ impl TestSite {
             )
             .expect("server certificate");
         let chain = format!("{}{}", server.cert_pem(), ca.credential().cert_pem());
-        let def = cmg_site::cmg::CmgDefinition {
+        let mut def = cmg_site::cmg::CmgDefinition {
             name: "GraniteFalls".into(),
             fqdn: fqdn.clone(),
             instances,
@@ -354,6 +363,7 @@ impl TestSite {
             stop_at_critical: false,
             device_port: 443,
         };
+        adjust(&mut def);
         self.admin()
             .await
             .create_cmg(&def, server.key_pem())

@@ -381,7 +381,7 @@ async fn policy(State(mp): State<Arc<Mp>>, caller: Caller) -> Result<impl IntoRe
     let client = tokens::authenticate(&mp, &caller).await?;
     mp.site
         .store()
-        .record_device_seen(&client.sub, unix_now(), &caller.via.describe())
+        .record_device_seen(&client.client_id, unix_now(), &caller.via.describe())
         .await?;
     Ok(axum::Json(mp.state.borrow().settings.client_policy()))
 }
@@ -417,7 +417,7 @@ async fn status(
     let (accepted, duplicates) = mp
         .site
         .store()
-        .store_status_messages(&client.sub, &rows, unix_now(), &caller.via.describe())
+        .store_status_messages(&client.client_id, &rows, unix_now(), &caller.via.describe())
         .await?;
     Ok(axum::Json(StatusAck {
         accepted,

@@ -85,31 +85,57 @@ fn auth_error(
     ApiError::new(status, code, message, action)
 }
 
-/// Checks the caller's client token against its certificate, the blocked lists and the device
-/// record. On a direct connection the result is kept for the connection's next requests.
-pub(crate) async fn authenticate(
-    mp: &Mp,
-    caller: &Caller,
-) -> Result<Arc<ClientTokenClaims>, ApiError> {
+/// The device behind an authenticated request.
+#[derive(Debug, Clone)]
+pub(crate) struct Client {
+    pub client_id: String,
+    /// The client token it presented; `None` for a PKI device relayed by a gateway.
+    pub token: Option<Arc<ClientTokenClaims>>,
+}
+
+/// Authenticates the device behind a request: by its client token and certificate, or — for a
+/// PKI certificate a gateway verified — by the device record of that certificate. Then checks
+/// the record: registered, not blocked, approved, still on this certificate. On a direct
+/// connection a verified token is kept for the connection's next requests.
+pub(crate) async fn authenticate(mp: &Mp, caller: &Caller) -> Result<Client, ApiError> {
     let thumbprint = caller
         .thumbprint
         .as_deref()
         .ok_or_else(ApiError::certificate_required)?;
-    let token = caller.bearer.as_deref().ok_or_else(|| {
-        auth_error(
+    let pki = matches!(caller.relayed, Some(Relayed::Pki { .. }));
+    let Some(token) = caller.bearer.as_deref() else {
+        if pki {
+            let device = mp
+                .site
+                .store()
+                .device_by_certificate(thumbprint)
+                .await?
+                .ok_or_else(|| {
+                    auth_error(
+                        mp,
+                        caller,
+                        StatusCode::UNAUTHORIZED,
+                        "Unknown_Client",
+                        "no device is registered with this PKI certificate".into(),
+                        "register first",
+                    )
+                })?;
+            check_device(mp, caller, &device, thumbprint)?;
+            return Ok(Client {
+                client_id: device.client_id,
+                token: None,
+            });
+        }
+        return Err(auth_error(
             mp,
             caller,
             StatusCode::UNAUTHORIZED,
             "Invalid_Token",
             "no client token was sent".into(),
             "send the client token as 'Authorization: Bearer <token>'",
-        )
-    })?;
-    if caller
-        .relayed
-        .as_ref()
-        .is_some_and(|r| *r != Relayed::Token)
-    {
+        ));
+    };
+    if matches!(caller.relayed, Some(Relayed::BulkRegistration)) {
         return Err(auth_error(
             mp,
             caller,
@@ -123,7 +149,10 @@ pub(crate) async fn authenticate(
     let now = unix_now();
     let cacheable = caller.relayed.is_none();
     if cacheable && let Some(hit) = cached(caller, token, thumbprint, state.version, now) {
-        return Ok(hit);
+        return Ok(Client {
+            client_id: hit.sub.clone(),
+            token: Some(hit),
+        });
     }
     let claims = state
         .verifier
@@ -139,6 +168,33 @@ pub(crate) async fn authenticate(
             REGISTER_AGAIN,
         )
     })?;
+    check_device(mp, caller, &device, thumbprint)?;
+    let claims = Arc::new(claims);
+    if cacheable {
+        let entry = VerifiedClient {
+            token: token.to_owned(),
+            thumbprint: thumbprint.to_owned(),
+            state_version: state.version,
+            claims: Arc::clone(&claims),
+        };
+        *caller
+            .peer
+            .verified
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(entry);
+    }
+    Ok(Client {
+        client_id: device.client_id,
+        token: Some(claims),
+    })
+}
+
+fn check_device(
+    mp: &Mp,
+    caller: &Caller,
+    device: &cmg_store::DeviceRecord,
+    thumbprint: &str,
+) -> Result<(), ApiError> {
     if device.blocked {
         return Err(auth_error(
             mp,
@@ -169,21 +225,7 @@ pub(crate) async fn authenticate(
             "ask the site admin to approve the device",
         ));
     }
-    let claims = Arc::new(claims);
-    if cacheable {
-        let entry = VerifiedClient {
-            token: token.to_owned(),
-            thumbprint: thumbprint.to_owned(),
-            state_version: state.version,
-            claims: Arc::clone(&claims),
-        };
-        *caller
-            .peer
-            .verified
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(entry);
-    }
-    Ok(claims)
+    Ok(())
 }
 
 fn cached(
@@ -209,7 +251,14 @@ fn cached(
 /// `CCM_STS`: a valid client token, over the certificate it is bound to, buys a new one with a
 /// fresh validity and the same binding.
 pub(crate) async fn renew(mp: &Mp, caller: &Caller) -> Result<RenewalResponse, ApiError> {
-    let claims = authenticate(mp, caller).await?;
+    let claims = authenticate(mp, caller).await?.token.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "Invalid_Token",
+            "renewal needs the client token to renew",
+            "a PKI device needs no token; a token device sends its client token",
+        )
+    })?;
     let now = unix_now();
     let validity = mp.state.borrow().settings.token_validity_secs;
     let token_id = Uuid::new_v4().to_string();
