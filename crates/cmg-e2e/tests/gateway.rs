@@ -446,3 +446,57 @@ async fn pki_devices_from_a_trusted_ca_need_no_token_and_follow_the_crl_setting(
     cmg.shutdown().await;
     site.shutdown().await;
 }
+
+#[tokio::test]
+async fn at_the_critical_data_level_relaying_stops_when_so_configured() {
+    let site = TestSite::start(cmg_store::testing::sqlite_store().await).await;
+    let cmg = site
+        .cmg_with(1, |d| {
+            d.data_alert_gb = 1;
+            d.stop_at_critical = true;
+        })
+        .await;
+    let admin = site.admin().await;
+    let bulk = admin.new_bulk_token(Default::default()).await.unwrap();
+    let device = cmg.device(0, "alert-1");
+    let (_, token) = device.register_ok(Some(bulk.token.expose())).await;
+    // 0.95 GB already sent in the last 14 days, as another connection point reported.
+    let now = cmg_site::unix_now();
+    let row = cmg_store::TrafficRow {
+        cmg: "GraniteFalls".into(),
+        connector: "elsewhere".into(),
+        endpoint: "/SMS_MP/.sms_pol".into(),
+        period_start: now - now % 300,
+        requests: 1,
+        bytes_in: 1,
+        bytes_out: 950_000_000,
+    };
+    site.site().store().record_traffic(&[row]).await.unwrap();
+    let (_, level) = admin.cmg_traffic("GraniteFalls").await.unwrap();
+    assert_eq!(level, cmg_site::cmg::AlertLevel::Critical);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, body) = device.policy(Some(&token)).await;
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            assert_eq!(body["error"], "CMGConnector_Stopped");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still relaying at the critical level"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Raising the threshold resumes relaying.
+    admin
+        .modify_cmg("GraniteFalls", |d| d.data_alert_gb = 100)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while device.policy(Some(&token)).await.0 != StatusCode::OK {
+        assert!(Instant::now() < deadline, "relaying did not resume");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cmg.shutdown().await;
+    site.shutdown().await;
+}
