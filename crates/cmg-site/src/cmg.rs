@@ -103,6 +103,14 @@ impl CmgDefinition {
     }
 }
 
+/// `fqdn`, or `fqdn:port` when devices do not use 443: the host part of the CMG's URLs.
+pub fn public_host(record: &cmg_store::CmgRecord) -> String {
+    match serde_json::from_str::<CmgDefinition>(&record.definition) {
+        Ok(def) if def.device_port != 443 => format!("{}:{}", record.fqdn, def.device_port),
+        _ => record.fqdn.clone(),
+    }
+}
+
 /// Where `cmg admin cmg create` writes the instances' files: `<data>/cmg/<name>/`.
 pub fn instance_dir(data: &DataDir, name: &str) -> PathBuf {
     data.root().join("cmg").join(name)

@@ -30,6 +30,10 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Everything on this machine: site, management point, connection point and gateway, on
+    /// the embedded database with a development CA; prints a bulk token and the client install
+    /// command, then `ready`. Ctrl-C stops every role.
+    Up(UpArgs),
     /// Create and inspect the site: keys, certificates, database.
     #[command(subcommand)]
     Site(SiteCommand),
@@ -56,6 +60,25 @@ pub enum GatewayCommand {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Site code for a new site (an existing site keeps its own).
+    #[arg(long, value_name = "CODE", default_value = "ABC", value_parser = parse_site_code)]
+    pub site_code: SiteCode,
+    /// Device HTTPS port of gateway instance 1 (instance n: +n−1).
+    #[arg(long, default_value_t = 4443)]
+    pub gateway_port: u16,
+    /// Management point HTTPS port.
+    #[arg(long, default_value_t = 8443)]
+    pub mp_port: u16,
+    /// Tunnel port of gateway instance 1 (instance n: +n−1).
+    #[arg(long, default_value_t = 10140)]
+    pub tunnel_port: u16,
+    /// Gateway instances, 1–16.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=16))]
+    pub instances: u8,
 }
 
 #[derive(Debug, Subcommand)]

@@ -7,6 +7,7 @@ mod cli;
 mod cmg_admin;
 mod connector;
 mod site;
+mod up;
 
 use std::process::ExitCode;
 
@@ -46,6 +47,7 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli, data: cmg_site::DataDir) -> anyhow::Result<()> {
     match cli.command {
+        Command::Up(args) => up::run(args, data).await,
         Command::Site(cmd) => site::run(cmd, data).await,
         Command::BulkToken(cmd) => bulk_token::run(cmd, data).await,
         Command::Admin(cmd) => admin::run(cmd, data).await,

@@ -358,13 +358,14 @@ async fn location(
         .collect();
     if state.settings.enable_cmg {
         for cmg in &state.cmgs {
+            let host = crate::cmg::public_host(cmg);
             for m in state
                 .management_points
                 .iter()
                 .filter(|m| m.allow_cmg_traffic)
             {
                 list.push(MpCandidate {
-                    url: format!("https://{}/CCM_Proxy_MutualAuth/{}", cmg.fqdn, m.role_id),
+                    url: format!("https://{host}/CCM_Proxy_MutualAuth/{}", m.role_id),
                     kind: MpKind::Internet,
                     site_code: site_code.clone(),
                     ssl: true,
