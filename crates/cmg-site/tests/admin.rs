@@ -157,3 +157,29 @@ async fn a_database_that_already_holds_a_site_is_refused_and_no_files_are_left()
         assert!(leftovers.is_empty(), "{}: key files left behind", db.label);
     }
 }
+
+#[tokio::test]
+async fn the_mp_certificate_follows_the_mp_url_host() {
+    let db = cmg_store::testing::sqlite_store().await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = site_on(&db, &dir).await;
+    let admin = AdminService::open(data.clone(), "alice").await.unwrap();
+    let mp = admin.management_points().await.unwrap().remove(0);
+    admin
+        .set_management_point(mp.role_id, Some("https://mp1.contoso.test:8443"), None)
+        .await
+        .unwrap();
+    let names = |data: &DataDir| {
+        let pem = std::fs::read_to_string(data.pki_dir().join("mp.crt")).unwrap();
+        cmg_pki::dns_names(&cmg_pki::pem_to_der(&pem, "mp").unwrap()).unwrap()
+    };
+    assert!(!names(&data).contains(&"mp1.contoso.test".to_owned()));
+    let server = cmg_site::SiteServer::start(
+        data.clone(),
+        cmg_site::SiteRunOptions::new("127.0.0.1:0".parse().unwrap()),
+    )
+    .await
+    .unwrap();
+    assert!(names(&data).contains(&"mp1.contoso.test".to_owned()));
+    server.shutdown().await;
+}

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::{DataDir, Site, SiteError, StateWatch};
+use crate::{Site, SiteError, StateWatch};
 
 pub use api::MAX_BODY_BYTES;
 
@@ -65,15 +65,14 @@ impl MpServer {
         state: StateWatch,
         options: MpOptions,
     ) -> Result<MpServer, SiteError> {
-        if !state
+        let url = state
             .borrow()
             .management_points
             .iter()
-            .any(|m| m.role_id == options.role_id)
-        {
-            return Err(SiteError::UnknownMp(options.role_id));
-        }
-        let tls = mp_tls(site.data())?;
+            .find(|m| m.role_id == options.role_id)
+            .map(|m| m.url.clone())
+            .ok_or(SiteError::UnknownMp(options.role_id))?;
+        let tls = mp_tls(&site, &url)?;
         let listener = tokio::net::TcpListener::bind(options.listen)
             .await
             .map_err(SiteError::io("listen on", options.listen.to_string()))?;
@@ -114,11 +113,60 @@ impl MpServer {
     }
 }
 
-fn mp_tls(data: &DataDir) -> Result<tokio_rustls::TlsAcceptor, SiteError> {
+/// The MP's TLS configuration. When its certificate does not cover the host name in the MP's
+/// URL (an admin changed it with `cmg admin mp set --url`), the site root issues a new one for
+/// that name first, so devices can always check the MP they were told about.
+fn mp_tls(site: &Site, url: &str) -> Result<tokio_rustls::TlsAcceptor, SiteError> {
+    let data = site.data();
     let (crt, key) = data.credential(crate::layout::MANAGEMENT_POINT);
     let read = |p: &std::path::Path| {
         std::fs::read_to_string(p).map_err(SiteError::io("read", p.to_owned()))
     };
+    let host = url_host(url);
+    let covered = cmg_pki::pem_to_der(&read(&crt)?, "the MP certificate")
+        .and_then(|der| cmg_pki::dns_names(&der))
+        .map(|names| names.iter().any(|n| cmg_pki::name_matches(n, host)))
+        .unwrap_or(false);
+    if !covered && host.parse::<std::net::IpAddr>().is_err() {
+        let hostnames = vec![host.to_owned(), "localhost".into(), "127.0.0.1".into()];
+        let code = &site.record().site_code;
+        let cred = site.authority()?.issue(
+            code,
+            &cmg_pki::Role::ManagementPoint { hostnames },
+            cmg_pki::KeyAlgorithm::EcdsaP256,
+        )?;
+        cmg_pki::write_private_file(&key, cred.key_pem().as_bytes())?;
+        std::fs::write(&crt, cred.cert_pem()).map_err(SiteError::io("write", &crt))?;
+        site.logs().registration.info(&format!(
+            "Issued a new management point certificate for {host}"
+        ));
+    }
     let config = cmg_pki::tls::server_config(&read(&crt)?, &read(&key)?)?;
     Ok(tokio_rustls::TlsAcceptor::from(config))
+}
+
+/// `mp.contoso.com` from `https://mp.contoso.com:8443`.
+fn url_host(url: &str) -> &str {
+    let rest = url.strip_prefix("https://").unwrap_or(url);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    if let Some(v6) = authority.strip_prefix('[') {
+        return v6.split(']').next().unwrap_or(v6);
+    }
+    authority
+        .rsplit_once(':')
+        .map_or(authority, |(host, _)| host)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn hosts_come_out_of_mp_urls() {
+        assert_eq!(
+            super::url_host("https://mp.contoso.com:8443"),
+            "mp.contoso.com"
+        );
+        assert_eq!(super::url_host("https://mp.contoso.com"), "mp.contoso.com");
+        assert_eq!(super::url_host("https://[::1]:8443"), "::1");
+        assert_eq!(super::url_host("https://127.0.0.1:1"), "127.0.0.1");
+    }
 }
