@@ -92,6 +92,17 @@ impl SiteServer {
         &self.state
     }
 
+    /// Waits until the running site has loaded every change stored so far (it polls every
+    /// [`CHANGE_POLL`]); `false` if that took longer than `limit`.
+    pub async fn settled(&self, limit: Duration) -> Result<bool, SiteError> {
+        let target = self.site.store().change_version().await?;
+        let mut state = self.state.clone();
+        Ok(matches!(
+            tokio::time::timeout(limit, state.wait_for(|s| s.version >= target)).await,
+            Ok(Ok(_))
+        ))
+    }
+
     /// Stops the MP (requests in flight finish), the watcher, then closes the database after its
     /// queued writes.
     pub async fn shutdown(self) {

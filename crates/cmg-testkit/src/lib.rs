@@ -99,20 +99,12 @@ impl TestSite {
 
     /// Waits until the running site has loaded every change made so far (it polls each second).
     pub async fn settled(&self) {
-        let target = self
-            .site()
-            .store()
-            .change_version()
+        let settled = self
+            .server()
+            .settled(Duration::from_secs(5))
             .await
             .expect("change version");
-        let mut state = self.server().state().clone();
-        tokio::time::timeout(
-            Duration::from_secs(5),
-            state.wait_for(|s| s.version >= target),
-        )
-        .await
-        .expect("the running site picks up changes within 5 s")
-        .expect("state watcher alive");
+        assert!(settled, "the running site picks up changes within 5 s");
     }
 
     /// A device with a new self-signed certificate and this hardware ID.

@@ -48,8 +48,16 @@ pub enum UpError {
     #[error(transparent)]
     Connector(#[from] cmg_connector::ConnectorError),
     #[error("cannot {action} {path}: {source}")]
-    Io { action: &'static str, path: PathBuf, source: std::io::Error },
-    #[error("the connection point did not reach every gateway instance within 10 s; check the ports")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the site did not load its new configuration within 10 s; check the database")]
+    Stale,
+    #[error(
+        "the connection point did not reach every gateway instance within 10 s; check the ports"
+    )]
     TunnelsDown,
 }
 
@@ -83,7 +91,9 @@ impl Up {
         let site = SiteServer::start(data.clone(), run).await?;
         let admin = AdminService::open(data.clone(), options.actor.clone()).await?;
         let mp_url = format!("https://localhost:{}", site.mp_addr().port());
-        admin.set_management_point(site.mp_role_id(), Some(&mp_url), Some(true)).await?;
+        admin
+            .set_management_point(site.mp_role_id(), Some(&mp_url), Some(true))
+            .await?;
 
         let dev = DevPki::load_or_create(&data)?;
         let mut gateways = Vec::new();
@@ -99,14 +109,20 @@ impl Up {
                 server_cert: dev.chain.clone(),
                 server_key: dev.key.clone(),
                 site_root: data.pki_dir().join("site-root.crt"),
-                log_dir: data.root().join("cmg").join(CMG_NAME).join(format!("logs-{}", n + 1)),
+                log_dir: data
+                    .root()
+                    .join("cmg")
+                    .join(CMG_NAME)
+                    .join(format!("logs-{}", n + 1)),
                 stats_interval_secs: cmg_gateway::DEFAULT_STATS_INTERVAL_SECS,
                 crl_files: Vec::new(),
                 crl_refresh_secs: cmg_gateway::DEFAULT_CRL_REFRESH_SECS,
             };
             gateways.push(Gateway::start(config).await?);
         }
-        let device_port = gateways.first().map_or(options.gateway_port, |g| g.device_addr().port());
+        let device_port = gateways
+            .first()
+            .map_or(options.gateway_port, |g| g.device_addr().port());
         let definition = CmgDefinition {
             name: CMG_NAME.into(),
             fqdn: CMG_HOST.into(),
@@ -121,18 +137,35 @@ impl Up {
             device_port,
         };
         if admin.cmg(CMG_NAME).await.is_ok() {
-            admin.modify_cmg(CMG_NAME, |d| *d = definition.clone()).await?;
+            admin
+                .modify_cmg(CMG_NAME, |d| *d = definition.clone())
+                .await?;
         } else {
             admin.create_cmg(&definition, &read(&dev.key)?).await?;
         }
+        // The connection point must start from the MP URL and CMG just stored.
+        if !site.settled(std::time::Duration::from_secs(10)).await? {
+            return Err(UpError::Stale);
+        }
         let targets = gateways
             .iter()
-            .map(|g| TunnelTarget { addr: g.tunnel_addr(), server_name: CMG_HOST.into() })
+            .map(|g| TunnelTarget {
+                addr: g.tunnel_addr(),
+                server_name: CMG_HOST.into(),
+            })
             .collect();
         let connector_options = ConnectorOptions::new(CMG_NAME, targets, vec![read(&dev.ca)?]);
-        let connector = Connector::start(Arc::clone(site.site()), site.state().clone(), connector_options).await?;
+        let connector = Connector::start(
+            Arc::clone(site.site()),
+            site.state().clone(),
+            connector_options,
+        )
+        .await?;
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !gateways.iter().all(|g| g.tunnels() > 0 && g.settings_version().is_some()) {
+        while !gateways
+            .iter()
+            .all(|g| g.tunnels() > 0 && g.settings_version().is_some())
+        {
             if tokio::time::Instant::now() > deadline {
                 return Err(UpError::TunnelsDown);
             }
@@ -142,7 +175,10 @@ impl Up {
         let up = Up {
             site_code: record.site_code.clone(),
             hierarchy_id: record.hierarchy_id.to_string().to_uppercase(),
-            cmg_mp_url: format!("https://{CMG_HOST}:{device_port}/CCM_Proxy_MutualAuth/{}", site.mp_role_id()),
+            cmg_mp_url: format!(
+                "https://{CMG_HOST}:{device_port}/CCM_Proxy_MutualAuth/{}",
+                site.mp_role_id()
+            ),
             dev_ca: dev.ca,
             site,
             gateways,
@@ -192,15 +228,25 @@ struct DevPki {
 impl DevPki {
     fn load_or_create(data: &DataDir) -> Result<DevPki, UpError> {
         let dir = data.root().join("dev-ca");
-        let pki = DevPki { ca: dir.join("ca.crt"), chain: dir.join("gateway.crt"), key: dir.join("gateway.key") };
+        let pki = DevPki {
+            ca: dir.join("ca.crt"),
+            chain: dir.join("gateway.crt"),
+            key: dir.join("gateway.key"),
+        };
         if pki.ca.exists() && pki.chain.exists() && pki.key.exists() {
             return Ok(pki);
         }
-        std::fs::create_dir_all(&dir).map_err(|source| UpError::Io { action: "create", path: dir.clone(), source })?;
+        std::fs::create_dir_all(&dir).map_err(|source| UpError::Io {
+            action: "create",
+            path: dir.clone(),
+            source,
+        })?;
         let ca = SiteAuthority::generate("DEV")?;
         let server = ca.issue(
             "DEV",
-            &Role::ManagementPoint { hostnames: vec![CMG_HOST.into(), "127.0.0.1".into()] },
+            &Role::ManagementPoint {
+                hostnames: vec![CMG_HOST.into(), "127.0.0.1".into()],
+            },
             KeyAlgorithm::EcdsaP256,
         )?;
         cmg_pki::write_private_file(&pki.key, server.key_pem().as_bytes())?;
@@ -212,11 +258,19 @@ impl DevPki {
 }
 
 fn read(path: &PathBuf) -> Result<String, UpError> {
-    std::fs::read_to_string(path).map_err(|source| UpError::Io { action: "read", path: path.clone(), source })
+    std::fs::read_to_string(path).map_err(|source| UpError::Io {
+        action: "read",
+        path: path.clone(),
+        source,
+    })
 }
 
 fn write(path: &PathBuf, text: &str) -> Result<(), UpError> {
-    std::fs::write(path, text).map_err(|source| UpError::Io { action: "write", path: path.clone(), source })
+    std::fs::write(path, text).map_err(|source| UpError::Io {
+        action: "write",
+        path: path.clone(),
+        source,
+    })
 }
 
 /// The default tunnel port of instance 1.

@@ -50,6 +50,44 @@ pub enum Command {
     /// A cloud management gateway instance (internet-facing).
     #[command(subcommand)]
     Gateway(GatewayCommand),
+    /// The client: install (ccmsetup), the agent (ccmexec), status, uninstall.
+    #[command(subcommand)]
+    Client(ClientCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClientCommand {
+    /// Install and register a client. Takes the ccmsetup syntax — `/mp:URL CCMHOSTNAME=…
+    /// SMSSiteCode=ABC /regtoken:TOKEN SMSMP=URL CCMALWAYSINF=1 /NoCRLCheck /UsePKICert` — and
+    /// flags: --mp, --cmg, --site-code, --regtoken, --regtoken-file, --always-internet,
+    /// --trust-ca FILE, --pki-cert FILE, --pki-key FILE, --state-dir DIR, --service FILE.
+    Install {
+        /// The installation properties, as above.
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "PROPERTIES"
+        )]
+        args: Vec<String>,
+    },
+    /// Run the agent until Ctrl-C: location, token renewal, policy, status messages.
+    Run {
+        #[arg(long, default_value = "./cmg-client", value_name = "DIR")]
+        state_dir: PathBuf,
+    },
+    /// Show the client ID, connection type, management points, token expiry.
+    Status {
+        #[arg(long, default_value = "./cmg-client", value_name = "DIR")]
+        state_dir: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove the client's key, certificate, token and state.
+    Uninstall {
+        #[arg(long, default_value = "./cmg-client", value_name = "DIR")]
+        state_dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]

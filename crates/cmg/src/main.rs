@@ -4,6 +4,7 @@
 mod admin;
 mod bulk_token;
 mod cli;
+mod client;
 mod cmg_admin;
 mod connector;
 mod site;
@@ -53,6 +54,7 @@ async fn run(cli: Cli, data: cmg_site::DataDir) -> anyhow::Result<()> {
         Command::Admin(cmd) => admin::run(cmd, data).await,
         Command::Connector(cmd) => connector::run(cmd, data).await,
         Command::Gateway(cmd) => connector::run_gateway(cmd).await,
+        Command::Client(cmd) => client::run(cmd).await,
     }
 }
 

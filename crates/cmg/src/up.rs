@@ -17,8 +17,15 @@ pub async fn run(args: UpArgs, data: DataDir) -> anyhow::Result<()> {
         actor: crate::actor(),
     })
     .await?;
-    println!("Site {} (hierarchy {}) in {root}", up.site_code, up.hierarchy_id);
-    println!("Management point {}: https://localhost:{}", up.site.mp_role_id(), up.site.mp_addr().port());
+    println!(
+        "Site {} (hierarchy {}) in {root}",
+        up.site_code, up.hierarchy_id
+    );
+    println!(
+        "Management point {}: https://localhost:{}",
+        up.site.mp_role_id(),
+        up.site.mp_addr().port()
+    );
     for (n, gateway) in up.gateways.iter().enumerate() {
         println!(
             "Gateway {} instance {}: https://{}:{} (tunnel {})",
@@ -29,9 +36,16 @@ pub async fn run(args: UpArgs, data: DataDir) -> anyhow::Result<()> {
             gateway.tunnel_addr()
         );
     }
-    println!("Connection point: tunnels up to {} instance(s)", up.gateways.len());
+    println!(
+        "Connection point: tunnels up to {} instance(s)",
+        up.gateways.len()
+    );
     let token = up.bulk_token(&crate::actor()).await?;
-    println!("Bulk registration token {} is valid until {}.", token.record.id, format_utc(token.record.valid_until));
+    println!(
+        "Bulk registration token {} is valid until {}.",
+        token.record.id,
+        format_utc(token.record.valid_until)
+    );
     println!("Install a client through the gateway with:");
     println!("{}", up.install_command(&token, "./cmg-client"));
     println!("ready");
