@@ -538,6 +538,28 @@ async fn relay_headers_from_the_connection_point_carry_the_gateway_identity() {
         let token = body["client_token"].as_str().unwrap();
         assert_eq!(claims(token)["RegisteredVia"], "PKI", "{}", label(&site));
         assert_eq!(claims(token)["cnf"]["x5t#S256"], device.thumbprint());
+        // Relayed client-token requests are verified once and remembered; a block still wins.
+        let relayed_policy = || {
+            connector
+                .get(format!("{}/SMS_MP/.sms_pol", site.mp_url()))
+                .header("x-cmg-identity", "Token")
+                .header("x-cmg-client-thumbprint", device.thumbprint())
+                .header("x-cmg-gateway", "GraniteFalls")
+                .bearer_auth(token)
+                .send()
+        };
+        for _ in 0..2 {
+            assert_eq!(relayed_policy().await.unwrap().status(), StatusCode::OK);
+        }
+        let client_id = body["client_id"].as_str().unwrap();
+        site.admin().await.block_device(client_id).await.unwrap();
+        site.settled().await;
+        assert_eq!(
+            relayed_policy().await.unwrap().status(),
+            StatusCode::FORBIDDEN,
+            "{}",
+            label(&site)
+        );
         // Relayed with a bulk identity but no token: refused, nothing stored.
         let reply = connector
             .post(format!("{}/MP_ClientRegistration", site.mp_url()))

@@ -653,4 +653,18 @@ impl Store {
             Err(device_not_found(client_id))
         }
     }
+
+    /// Records many sightings `(client ID, at, via)` in one transaction — how a busy MP writes
+    /// last-seen times, grouped, instead of one commit per request. Unknown devices (merged
+    /// away meanwhile) are skipped.
+    pub async fn record_devices_seen(&self, seen: &[(String, i64, String)]) -> Result<()> {
+        let failed = || StoreError::while_("recording when devices were seen");
+        let mut tx = self.db().begin_write().await.map_err(failed())?;
+        for (client_id, at, via) in seen {
+            mark_seen(&mut tx, client_id, *at, via)
+                .await
+                .map_err(failed())?;
+        }
+        tx.commit().await.map_err(failed())
+    }
 }

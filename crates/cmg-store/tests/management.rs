@@ -1003,3 +1003,32 @@ async fn traffic_reports_add_up_per_endpoint_and_period() {
         assert!(s.traffic_since("Other", 0).await.unwrap().is_empty());
     }
 }
+
+#[tokio::test]
+async fn sightings_are_recorded_in_groups_and_unknown_devices_are_skipped() {
+    for t in test_stores().await {
+        let s = &t.store;
+        let (a, b) = (device(1), device(2));
+        s.insert_device(a.clone()).await.unwrap();
+        s.insert_device(b.clone()).await.unwrap();
+        s.record_devices_seen(&[
+            (a.client_id.clone(), 1_800_000_000, "CMG X".into()),
+            ("GUID:GONE".into(), 1_800_000_000, "CMG X".into()),
+            (b.client_id.clone(), 1_800_000_001, "Intranet".into()),
+        ])
+        .await
+        .unwrap();
+        let a = s.device(&a.client_id).await.unwrap().unwrap();
+        let b = s.device(&b.client_id).await.unwrap().unwrap();
+        assert_eq!(
+            (a.last_seen_at, a.last_seen_via.as_deref()),
+            (Some(1_800_000_000), Some("CMG X")),
+            "{}",
+            t.label
+        );
+        assert_eq!(
+            (b.last_seen_at, b.last_seen_via.as_deref()),
+            (Some(1_800_000_001), Some("Intranet"))
+        );
+    }
+}

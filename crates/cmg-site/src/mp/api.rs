@@ -33,15 +33,46 @@ pub(crate) struct Mp {
     /// Registrations of one hardware ID are serialised, so that two concurrent attempts by one
     /// device cannot create two records. Striped: a few locks serve every device.
     pub hardware_locks: Vec<tokio::sync::Mutex<()>>,
+    /// Client tokens verified on connections from connection points, which carry many devices:
+    /// each token is verified once, not once per relayed request (bounded; see `tokens.rs`).
+    pub relayed_tokens: std::sync::Mutex<std::collections::HashMap<String, tokens::VerifiedClient>>,
+    /// Last-seen times waiting to be written in one transaction (see [`Mp::flush_seen`]).
+    seen: std::sync::Mutex<std::collections::HashMap<String, (i64, String)>>,
 }
 
 impl Mp {
+    /// Notes that a device was seen; written with the others by the next [`Mp::flush_seen`].
+    pub fn note_seen(&self, client_id: &str, via: String) {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.insert(client_id.to_owned(), (unix_now(), via));
+    }
+
+    /// Writes the noted last-seen times in one transaction; kept for the next try on failure.
+    pub async fn flush_seen(&self) {
+        let batch: Vec<(String, i64, String)> = {
+            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            seen.drain().map(|(id, (at, via))| (id, at, via)).collect()
+        };
+        if batch.is_empty() {
+            return;
+        }
+        if let Err(e) = self.site.store().record_devices_seen(&batch).await {
+            tracing::warn!("cannot record when devices were last seen: {e}; retrying later");
+            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            for (id, at, via) in batch {
+                seen.entry(id).or_insert((at, via));
+            }
+        }
+    }
+
     pub fn new(site: Arc<Site>, state: StateWatch) -> Arc<Mp> {
         let hardware_locks = (0..64).map(|_| tokio::sync::Mutex::new(())).collect();
         Arc::new(Mp {
             site,
             state,
             hardware_locks,
+            relayed_tokens: Default::default(),
+            seen: Default::default(),
         })
     }
 }
@@ -380,10 +411,7 @@ async fn location(
 
 async fn policy(State(mp): State<Arc<Mp>>, caller: Caller) -> Result<impl IntoResponse, ApiError> {
     let client = tokens::authenticate(&mp, &caller).await?;
-    mp.site
-        .store()
-        .record_device_seen(&client.client_id, unix_now(), &caller.via.describe())
-        .await?;
+    mp.note_seen(&client.client_id, caller.via.describe());
     Ok(axum::Json(mp.state.borrow().settings.client_policy()))
 }
 

@@ -54,6 +54,7 @@ impl MpOptions {
 /// A running management point. Dropping it does not stop it; call [`MpServer::shutdown`].
 pub struct MpServer {
     local_addr: SocketAddr,
+    mp: Arc<api::Mp>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -79,11 +80,10 @@ impl MpServer {
         let local_addr = listener
             .local_addr()
             .map_err(SiteError::io("listen on", options.listen.to_string()))?;
-        let router = api::router(
-            api::Mp::new(Arc::clone(&site), state),
-            options.request_timeout,
-        );
+        let mp = api::Mp::new(Arc::clone(&site), state);
+        let router = api::router(Arc::clone(&mp), options.request_timeout);
         let (stop, stopped) = watch::channel(false);
+        tokio::spawn(flush_seen_every(Arc::clone(&mp), stopped.clone()));
         let task = tokio::spawn(conn::serve(
             listener,
             tls,
@@ -97,6 +97,7 @@ impl MpServer {
         ));
         Ok(MpServer {
             local_addr,
+            mp,
             stop,
             task,
         })
@@ -110,6 +111,19 @@ impl MpServer {
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
+        self.mp.flush_seen().await;
+    }
+}
+
+/// How often noted last-seen times are written (DESIGN §9: group durable writes).
+pub const SEEN_FLUSH: Duration = Duration::from_secs(2);
+
+async fn flush_seen_every(mp: Arc<api::Mp>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(SEEN_FLUSH) => mp.flush_seen().await,
+            _ = stop.changed() => return,
+        }
     }
 }
 

@@ -147,8 +147,7 @@ pub(crate) async fn authenticate(mp: &Mp, caller: &Caller) -> Result<Client, Api
     }
     let state = mp.state.borrow().clone();
     let now = unix_now();
-    let cacheable = caller.relayed.is_none();
-    if cacheable && let Some(hit) = cached(caller, token, thumbprint, state.version, now) {
+    if let Some(hit) = cached(mp, caller, token, thumbprint, state.version, now) {
         return Ok(Client {
             client_id: hit.sub.clone(),
             token: Some(hit),
@@ -170,13 +169,19 @@ pub(crate) async fn authenticate(mp: &Mp, caller: &Caller) -> Result<Client, Api
     })?;
     check_device(mp, caller, &device, thumbprint)?;
     let claims = Arc::new(claims);
-    if cacheable {
-        let entry = VerifiedClient {
-            token: token.to_owned(),
-            thumbprint: thumbprint.to_owned(),
-            state_version: state.version,
-            claims: Arc::clone(&claims),
-        };
+    let entry = VerifiedClient {
+        token: token.to_owned(),
+        thumbprint: thumbprint.to_owned(),
+        state_version: state.version,
+        claims: Arc::clone(&claims),
+    };
+    if caller.relayed.is_some() {
+        let mut shared = mp.relayed_tokens.lock().unwrap_or_else(|p| p.into_inner());
+        if shared.len() >= RELAYED_CACHE_ENTRIES {
+            shared.clear();
+        }
+        shared.insert(entry.token.clone(), entry);
+    } else {
         *caller
             .peer
             .verified
@@ -228,24 +233,39 @@ fn check_device(
     Ok(())
 }
 
+/// Most relayed tokens remembered; past it the cache starts over (one verification each).
+const RELAYED_CACHE_ENTRIES: usize = 50_000;
+
+/// A token verified earlier — on this connection, or (relayed) by any connection point — still
+/// good: same certificate, same site configuration version, not expired.
 fn cached(
+    mp: &Mp,
     caller: &Caller,
     token: &str,
     thumbprint: &str,
     version: i64,
     now: i64,
 ) -> Option<Arc<ClientTokenClaims>> {
+    let fresh = |hit: &VerifiedClient| {
+        hit.token == token
+            && hit.thumbprint == thumbprint
+            && hit.state_version == version
+            && now < hit.claims.exp + cmg_token::LEEWAY_SECS
+    };
+    if caller.relayed.is_some() {
+        let shared = mp.relayed_tokens.lock().unwrap_or_else(|p| p.into_inner());
+        return shared
+            .get(token)
+            .filter(|hit| fresh(hit))
+            .map(|hit| Arc::clone(&hit.claims));
+    }
     let slot = caller
         .peer
         .verified
         .lock()
         .unwrap_or_else(|p| p.into_inner());
     let hit = slot.as_ref()?;
-    let fresh = hit.token == token
-        && hit.thumbprint == thumbprint
-        && hit.state_version == version
-        && now < hit.claims.exp + cmg_token::LEEWAY_SECS;
-    fresh.then(|| Arc::clone(&hit.claims))
+    fresh(hit).then(|| Arc::clone(&hit.claims))
 }
 
 /// `CCM_STS`: a valid client token, over the certificate it is bound to, buys a new one with a
