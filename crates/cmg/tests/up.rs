@@ -114,6 +114,35 @@ fn the_printed_install_command_registers_a_device_through_the_gateway() {
     assert_eq!(contains(&state, &token), None, "the bulk token was kept");
     assert_eq!(contains(&state, token.rsplit('.').next().unwrap()), None);
 
+    // A tampered token: refused by the gateway, named in the error, nothing left installed.
+    let mut tampered_token = token.clone().into_bytes();
+    let at = tampered_token.iter().position(|b| *b == b'.').unwrap() + 5;
+    tampered_token[at] = if tampered_token[at] == b'A' {
+        b'B'
+    } else {
+        b'A'
+    };
+    let tampered_token = String::from_utf8(tampered_token).unwrap();
+    let tampered: Vec<String> = args
+        .iter()
+        .map(|a| match *a {
+            "./cmg-client" => "./cmg-client-t".to_owned(),
+            a if a.starts_with("/regtoken:") => format!("/regtoken:{tampered_token}"),
+            a => a.to_owned(),
+        })
+        .collect();
+    let out = cmg(
+        dir.path(),
+        &tampered.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("CMGService_Invalid_Token"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_installed_nothing(&dir.path().join("cmg-client-t"));
+
     // An admin command against the same data directory reaches the running roles.
     let block = cmg(dir.path(), &["bulk-token", "block", &guid]);
     assert!(block.status.success());
@@ -166,4 +195,21 @@ fn the_printed_install_command_registers_a_device_through_the_gateway() {
         assert!(Instant::now() < deadline, "cmg up did not stop");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// A failed install leaves its logs (to say why) and nothing else: no key, certificate, token or
+/// state.
+fn assert_installed_nothing(state: &Path) {
+    let Ok(entries) = std::fs::read_dir(state) else {
+        return;
+    };
+    let left: Vec<String> = entries
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name != "logs")
+        .collect();
+    assert!(
+        left.is_empty(),
+        "a failed install left {left:?} in {}",
+        state.display()
+    );
 }
