@@ -80,72 +80,50 @@ impl ClientCertVerifier for AnyClientCertificate {
     }
 }
 
-/// A server configuration with this certificate chain and key (PEM), asking every client for a
-/// certificate without requiring one, speaking HTTP/2 and HTTP/1.1.
-pub fn server_config(cert_pem: &str, key_pem: &str) -> Result<Arc<ServerConfig>, PkiError> {
-    let invalid = |what: &str, e: &dyn std::fmt::Display| PkiError::InvalidCertificate {
+fn invalid(what: &str, e: &dyn std::fmt::Display) -> PkiError {
+    PkiError::InvalidCertificate {
         what: what.into(),
         reason: e.to_string(),
-    };
-    let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| invalid("the server certificate", &e))?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| {
-        PkiError::InvalidKeyFile {
-            what: "the server key".into(),
-            reason: e.to_string(),
-        }
-    })?;
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let verifier = Arc::new(AnyClientCertificate::new(&provider));
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| invalid("the TLS configuration", &e))?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)
-        .map_err(|e| invalid("the server certificate and key", &e))?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    }
 }
 
-/// A client configuration presenting this certificate chain and key (PEM), trusting only the
-/// given root certificates (PEM) for the server, speaking HTTP/2: the connection point's side
-/// of a tunnel (DESIGN §6).
-pub fn client_config(
+/// A certificate chain and its private key, both PEM; `role` names them in errors.
+fn chain_and_key(
     cert_pem: &str,
     key_pem: &str,
-    roots_pem: &[&str],
-    alpn: &[&[u8]],
-) -> Result<Arc<rustls::ClientConfig>, PkiError> {
-    let invalid = |what: &str, e: &dyn std::fmt::Display| PkiError::InvalidCertificate {
-        what: what.into(),
-        reason: e.to_string(),
-    };
+    role: &str,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), PkiError> {
     let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| invalid("the client certificate", &e))?;
+        .map_err(|e| invalid(&format!("the {role} certificate"), &e))?;
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| {
         PkiError::InvalidKeyFile {
-            what: "the client key".into(),
+            what: format!("the {role} key"),
             reason: e.to_string(),
         }
     })?;
+    Ok((chain, key))
+}
+
+/// Every certificate in the PEM texts, as trust anchors.
+fn root_store(pems: &[&str], what: &str) -> Result<rustls::RootCertStore, PkiError> {
     let mut roots = rustls::RootCertStore::empty();
-    for pem in roots_pem {
+    for pem in pems {
         for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
-            let cert = cert.map_err(|e| invalid("a trusted root", &e))?;
-            roots.add(cert).map_err(|e| invalid("a trusted root", &e))?;
+            let cert = cert.map_err(|e| invalid(what, &e))?;
+            roots.add(cert).map_err(|e| invalid(what, &e))?;
         }
     }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| invalid("the TLS configuration", &e))?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .map_err(|e| invalid("the client certificate and key", &e))?;
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    Ok(Arc::new(config))
+    if roots.is_empty() {
+        return Err(invalid(what, &"no CERTIFICATE block found"));
+    }
+    Ok(roots)
+}
+
+/// A server configuration with this certificate chain and key (PEM), asking every client for a
+/// certificate without requiring one, speaking HTTP/2 and HTTP/1.1, TLS 1.2 and 1.3.
+pub fn server_config(cert_pem: &str, key_pem: &str) -> Result<Arc<ServerConfig>, PkiError> {
+    server_config_min_tls(cert_pem, key_pem, "1.2")
 }
 
 /// The gateway's device-facing configuration (DESIGN §4): like [`server_config`], but with the
@@ -156,10 +134,6 @@ pub fn server_config_min_tls(
     key_pem: &str,
     min_tls: &str,
 ) -> Result<Arc<ServerConfig>, PkiError> {
-    let invalid = |what: &str, e: &dyn std::fmt::Display| PkiError::InvalidCertificate {
-        what: what.into(),
-        reason: e.to_string(),
-    };
     let versions: &[&rustls::SupportedProtocolVersion] = match min_tls {
         "1.2" => rustls::DEFAULT_VERSIONS,
         "1.3" => &[&rustls::version::TLS13],
@@ -170,15 +144,7 @@ pub fn server_config_min_tls(
             ));
         }
     };
-    let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| invalid("the server certificate", &e))?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| {
-        PkiError::InvalidKeyFile {
-            what: "the server key".into(),
-            reason: e.to_string(),
-        }
-    })?;
+    let (chain, key) = chain_and_key(cert_pem, key_pem, "server")?;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let verifier = Arc::new(AnyClientCertificate::new(&provider));
     let mut config = ServerConfig::builder_with_provider(provider)
@@ -191,6 +157,28 @@ pub fn server_config_min_tls(
     Ok(Arc::new(config))
 }
 
+/// A client configuration presenting this certificate chain and key (PEM), trusting only the
+/// given root certificates (PEM) for the server: the connection point's side of a tunnel
+/// (DESIGN §6).
+pub fn client_config(
+    cert_pem: &str,
+    key_pem: &str,
+    roots_pem: &[&str],
+    alpn: &[&[u8]],
+) -> Result<Arc<rustls::ClientConfig>, PkiError> {
+    let (chain, key) = chain_and_key(cert_pem, key_pem, "client")?;
+    let roots = root_store(roots_pem, "a trusted root")?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| invalid("the TLS configuration", &e))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| invalid("the client certificate and key", &e))?;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(config))
+}
+
 /// The gateway's tunnel port (DESIGN §6): this certificate chain and key (PEM), and a client
 /// certificate is *required* and must chain to one of the site roots in `site_root_pem` (with
 /// the clientAuth key usage), so only the site's connection points can open a tunnel. HTTP/2
@@ -200,27 +188,8 @@ pub fn tunnel_server_config(
     key_pem: &str,
     site_root_pem: &str,
 ) -> Result<Arc<ServerConfig>, PkiError> {
-    let invalid = |what: &str, e: &dyn std::fmt::Display| PkiError::InvalidCertificate {
-        what: what.into(),
-        reason: e.to_string(),
-    };
-    let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| invalid("the server certificate", &e))?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| {
-        PkiError::InvalidKeyFile {
-            what: "the server key".into(),
-            reason: e.to_string(),
-        }
-    })?;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(site_root_pem.as_bytes()) {
-        let cert = cert.map_err(|e| invalid("the site root", &e))?;
-        roots.add(cert).map_err(|e| invalid("the site root", &e))?;
-    }
-    if roots.is_empty() {
-        return Err(invalid("the site root", &"no CERTIFICATE block found"));
-    }
+    let (chain, key) = chain_and_key(cert_pem, key_pem, "server")?;
+    let roots = root_store(&[site_root_pem], "the site root")?;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
         Arc::new(roots),
