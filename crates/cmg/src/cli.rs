@@ -186,7 +186,9 @@ pub enum TokenKeyCommand {
     },
     /// Stop publishing a previous token signing certificate now; tokens it signed stop working.
     Retire {
-        /// Its SHA-256 thumbprint, as `cmg bulk-token list` shows it.
+        /// Its SHA-256 thumbprint, as `cmg bulk-token list` shows it (base64url: it may start
+        /// with '-').
+        #[arg(allow_hyphen_values = true)]
         kid: String,
     },
 }
@@ -409,4 +411,20 @@ fn parse_lifetime(s: &str) -> Result<BulkTokenLifetime, String> {
 
 fn parse_kind(s: &str) -> Result<InventoryKind, String> {
     s.parse()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_thumbprint_starting_with_a_hyphen_is_a_value_not_a_flag() {
+        let cli = Cli::try_parse_from(["cmg", "site", "token-key", "retire", "-YcpSRLpRw5l_Sd2g"]);
+        match cli.map(|c| c.command) {
+            Ok(Command::Site(SiteCommand::TokenKey(TokenKeyCommand::Retire { kid }))) => {
+                assert_eq!(kid, "-YcpSRLpRw5l_Sd2g")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 }
