@@ -6,20 +6,9 @@
 use std::time::{Duration, Instant};
 
 use cmg_store::testing::test_stores;
-use cmg_testkit::TestSite;
+use cmg_testkit::{TestSite, claims};
 use reqwest::StatusCode;
 use serde_json::Value;
-
-fn claims(token: &str) -> Value {
-    use base64::Engine;
-    let payload = token.split('.').nth(1).unwrap();
-    serde_json::from_slice(
-        &base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(payload)
-            .unwrap(),
-    )
-    .unwrap()
-}
 
 #[tokio::test]
 async fn a_device_registers_polls_and_renews_through_both_instances() {

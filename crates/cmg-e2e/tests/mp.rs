@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use cmg_proto::RegisteredVia;
 use cmg_store::testing::{TestStore, test_stores};
-use cmg_testkit::{TestDevice, TestSite};
+use cmg_testkit::{TestDevice, TestSite, claims};
 use cmg_token::ClientTokenRequest;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -16,17 +16,6 @@ async fn sites() -> Vec<TestSite> {
         sites.push(TestSite::start(db).await);
     }
     sites
-}
-
-fn claims(token: &str) -> Value {
-    use base64::Engine;
-    let payload = token.split('.').nth(1).unwrap();
-    serde_json::from_slice(
-        &base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(payload)
-            .unwrap(),
-    )
-    .unwrap()
 }
 
 fn label(site: &TestSite) -> &'static str {
@@ -438,7 +427,10 @@ async fn jwks_verifies_the_tokens_the_mp_issues() {
             .json()
             .await
             .unwrap();
-        let kid = claims_header(&token)["kid"].as_str().unwrap().to_owned();
+        let kid = cmg_testkit::jws_part(&token, 0)["kid"]
+            .as_str()
+            .unwrap()
+            .to_owned();
         assert!(
             jwks["keys"]
                 .as_array()
@@ -448,17 +440,6 @@ async fn jwks_verifies_the_tokens_the_mp_issues() {
         );
         site.shutdown().await;
     }
-}
-
-fn claims_header(token: &str) -> Value {
-    use base64::Engine;
-    let header = token.split('.').next().unwrap();
-    serde_json::from_slice(
-        &base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(header)
-            .unwrap(),
-    )
-    .unwrap()
 }
 
 #[tokio::test]

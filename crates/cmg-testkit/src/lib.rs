@@ -504,3 +504,19 @@ impl TestCmg {
         }
     }
 }
+
+/// Part `index` of a compact JWS (0 header, 1 claims) as JSON, read without verifying — for
+/// tests that check what a token says.
+pub fn jws_part(token: &str, index: usize) -> Value {
+    use base64::Engine;
+    let part = token.split('.').nth(index).expect("a JWS part");
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(part)
+        .expect("base64url");
+    serde_json::from_slice(&json).expect("JSON")
+}
+
+/// The claims of a token (see [`jws_part`]).
+pub fn claims(token: &str) -> Value {
+    jws_part(token, 1)
+}
