@@ -4,9 +4,11 @@
 //!
 //! This crate owns X.509 and key material. It must not sign or verify tokens (`cmg-token`),
 //! decide policy, or touch the database. Later it also owns chain and CRL verification for the
-//! gateway (DESIGN §4).
+//! gateway (DESIGN §4), and reading the CMG server certificate from a PFX (PKCS#12) file
+//! ([`pfx`]).
 
 pub mod crl;
+pub mod pfx;
 pub mod tls;
 
 use std::fmt;
@@ -23,6 +25,8 @@ use rcgen::{
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use time::{Duration, OffsetDateTime};
+
+pub use pfx::{PfxContents, PfxError};
 
 /// What went wrong while making or reading certificates and keys.
 #[derive(Debug, thiserror::Error)]

@@ -341,12 +341,19 @@ pub struct CmgCreateArgs {
     /// The name devices connect to; the server certificate must cover it (wildcards allowed).
     #[arg(long)]
     pub fqdn: String,
-    /// Server authentication certificate (PEM, leaf first, CA certificates after it).
+    /// Server authentication certificate: a PFX/PKCS#12 file (.pfx, .p12) with the chain and
+    /// private key, as Windows and `openssl pkcs12 -export` write it (AES encryption), or PEM
+    /// (leaf first, CA certificates after it) together with --server-key.
     #[arg(long, value_name = "FILE")]
     pub server_cert: PathBuf,
-    /// Its private key (PEM).
+    /// The private key (PEM) of a PEM --server-cert. Not with a PFX: its key is inside.
     #[arg(long, value_name = "FILE")]
-    pub server_key: PathBuf,
+    pub server_key: Option<PathBuf>,
+    /// File whose first line is the PFX password (never give a password on the command line:
+    /// it would show in the process list). Default: the CMG_PFX_PASSWORD environment variable,
+    /// else no password.
+    #[arg(long, value_name = "FILE")]
+    pub server_cert_password_file: Option<PathBuf>,
     /// Gateway instances, 1–16.
     #[arg(long, default_value_t = 1)]
     pub instances: u8,
