@@ -4,6 +4,11 @@
 //! at start and when older than the policy's renewal interval, refreshes the MP list at start
 //! and every location interval, polls policy, and delivers the queued status messages and
 //! heartbeats in order. Failures back off with jitter, up to [`AgentOptions::max_backoff`].
+//!
+//! When policy says CMG use is disabled (the site's `enable_cmg = no`), internet management
+//! points — the cloud management gateway — are not used at all: the client works with intranet
+//! management points only, and waits for one while none answers (it learns that CMG use is
+//! enabled again from an intranet management point).
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -41,6 +46,10 @@ pub const SSL_CAPABILITIES: &str =
 /// At most this many messages per `ccm_system/request` batch.
 const BATCH: usize = 200;
 
+/// While idle, the queue is looked at this often: a message queued by another component is
+/// sent within about this long, not at the next piece of scheduled work.
+const QUEUE_CHECK: Duration = Duration::from_secs(1);
+
 /// Timing of the agent. Intervals of the work itself come from policy (the site's settings).
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
@@ -52,7 +61,7 @@ pub struct AgentOptions {
     pub min_backoff: Duration,
     /// Longest wait after failures.
     pub max_backoff: Duration,
-    /// Longest sleep between cycles (the queue is looked at at least this often).
+    /// Longest sleep between cycles. (A newly queued message ends the sleep early.)
     pub max_idle: Duration,
     /// A heartbeat is queued at start and this often.
     pub heartbeat_interval: Duration,
@@ -92,6 +101,12 @@ pub enum AgentError {
     ApprovalPending { client_id: String },
     #[error("no management point is reachable: {0}")]
     NoManagementPoint(String),
+    /// Policy disables CMG use and no intranet MP answers.
+    #[error(
+        "CMG use is disabled by client policy (the site's enable_cmg = no) and no intranet management point answers: the client does not use the cloud management gateway; it waits for a management point on the internal network{}",
+        if *always_internet { " (this client is always on the internet, CCMALWAYSINF=1, so it never uses an intranet management point: it stays unmanaged until it is reinstalled after CMG use is enabled again)" } else { "" }
+    )]
+    CmgDisabled { always_internet: bool },
 }
 
 impl AgentError {
@@ -265,20 +280,23 @@ impl Agent {
                 () = &mut shutdown => break,
                 outcome = self.run_cycle_once() => outcome,
             };
-            let wait = match outcome {
+            let (wait, wake_on_queue) = match outcome {
                 Ok(_) => {
                     failures = 0;
-                    self.next_due_in()
+                    (self.next_due_in(), true)
                 }
                 Err(e) if e.is_fatal() => return Err(e),
                 Err(_) => {
                     failures = failures.saturating_add(1);
-                    backoff(failures, self.options.min_backoff, self.options.max_backoff)
+                    let wait =
+                        backoff(failures, self.options.min_backoff, self.options.max_backoff);
+                    // After a failure the backoff holds, whatever is queued.
+                    (wait, false)
                 }
             };
             tokio::select! {
                 () = &mut shutdown => break,
-                () = tokio::time::sleep(wait) => {}
+                () = self.idle(wait, wake_on_queue) => {}
             }
         }
         self.logs
@@ -286,6 +304,25 @@ impl Agent {
             .info("Agent is stopping (shutdown requested)");
         self.state.save(&self.dir)?;
         Ok(())
+    }
+
+    /// Sleeps for `wait`; with `wake_on_queue`, ends early once a message is queued.
+    async fn idle(&self, wait: Duration, wake_on_queue: bool) {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            if !wake_on_queue {
+                tokio::time::sleep(left).await;
+                return;
+            }
+            tokio::time::sleep(left.min(QUEUE_CHECK)).await;
+            if queue::has_pending(&self.dir) {
+                return;
+            }
+        }
     }
 
     /// Time until the next piece of work is due.
@@ -420,6 +457,10 @@ impl Agent {
         if policy_due {
             self.poll_policy(&base).await?;
             report.policy = true;
+            // Policy just disabled CMG use: stop using the gateway now, not next cycle.
+            if connection.is_internet() && !self.policy().enable_cmg {
+                return Err(self.cmg_disabled(connection));
+            }
         }
 
         report.delivered = self.deliver(&base).await?;
@@ -461,7 +502,31 @@ impl Agent {
         } else {
             ConnectionType::CurrentlyInternet
         };
+        if !self.policy().enable_cmg {
+            return Err(self.cmg_disabled(connection));
+        }
         Ok((connection, self.internet_mp()?))
+    }
+
+    /// On the internet while policy disables CMG use: no management point is used. Logged when
+    /// the client gets into this state, not on every cycle.
+    fn cmg_disabled(&mut self, connection: ConnectionType) -> AgentError {
+        let changed = self.state.connection != Some(connection);
+        if changed {
+            self.logs.location.info(&format!(
+                "Client is on the internet (connection type {connection})"
+            ));
+        }
+        if changed || self.state.current_mp.is_some() {
+            self.logs.location.warn(
+                "CMG use is disabled by client policy (enable_cmg = no): not using internet management points; waiting for a management point on the internal network",
+            );
+        }
+        self.state.connection = Some(connection);
+        self.state.current_mp = None;
+        AgentError::CmgDisabled {
+            always_internet: self.state.always_internet,
+        }
     }
 
     /// An intranet MP answers its location request (over TLS the client trusts).
@@ -583,8 +648,8 @@ impl Agent {
         self.state.last_renewal = Some(now);
         self.state.token_expires = Some(answer.token_expires);
         self.renewed_since_start = true;
-        self.logs.messaging.info(&format!(
-            "Renewed the client token through {url}; it is valid until {}",
+        self.logs.registration.info(&format!(
+            "[RegTask] - Renewed the client token through {url}; it is valid until {}",
             format_time(answer.token_expires)
         ));
         Ok(())
@@ -621,6 +686,17 @@ impl Agent {
     async fn poll_policy(&mut self, base: &str) -> Result<(), AgentError> {
         let url = self.http.url(base, mp::POLICY);
         let policy: ClientPolicy = net::call(&url, self.bearer(self.http.get(&url))).await?;
+        if self.policy().enable_cmg != policy.enable_cmg {
+            if policy.enable_cmg {
+                self.logs.location.info(
+                    "CMG use is enabled by client policy: internet management points (the cloud management gateway) are used when no intranet management point answers",
+                );
+            } else {
+                self.logs.location.warn(
+                    "CMG use is disabled by client policy (enable_cmg = no): only intranet management points are used",
+                );
+            }
+        }
         if self.state.policy.as_ref() != Some(&policy) {
             self.logs.policy.info(&format!(
                 "Applied client settings from {url}: CMG use {}, policy every {} s, location every {} s, token renewal after {} s, token validity {} s",

@@ -20,6 +20,8 @@ pub mod state;
 pub mod status;
 
 pub use agent::{Agent, AgentError, AgentOptions, CycleReport};
+/// The kind of a queued message ([`queue::enqueue`]).
+pub use cmg_proto::mp::MessageKind;
 pub use install::{InstallError, InstallReport, install, uninstall};
 pub use setup::{BulkToken, InstallOptions, SetupError};
 pub use state::{ClientState, ConnectionType};

@@ -17,11 +17,20 @@ pub const CERT_FILE: &str = "client.crt";
 pub const TOKEN_FILE: &str = "client.token";
 pub const TRUST_FILE: &str = "trusted-roots.pem";
 pub const QUEUE_FILE: &str = "outbox.jsonl";
+/// Held (advisory lock) while the queue is appended to or rewritten, so that another process
+/// queueing a message while the agent removes delivered ones loses nothing.
+pub const QUEUE_LOCK_FILE: &str = "outbox.lock";
 pub const LOG_DIR: &str = "logs";
 
 /// Every file `install` may create in the state directory (logs aside).
-pub(crate) const INSTALLED_FILES: [&str; 6] = [
-    STATE_FILE, KEY_FILE, CERT_FILE, TOKEN_FILE, TRUST_FILE, QUEUE_FILE,
+pub(crate) const INSTALLED_FILES: [&str; 7] = [
+    STATE_FILE,
+    KEY_FILE,
+    CERT_FILE,
+    TOKEN_FILE,
+    TRUST_FILE,
+    QUEUE_FILE,
+    QUEUE_LOCK_FILE,
 ];
 
 /// How the client reaches its site, as ConfigMgr's control panel names it.

@@ -33,6 +33,9 @@ pub struct ClientStatus {
     /// first cycle.
     pub connection_type: String,
     pub current_management_point: Option<String>,
+    /// Whether policy lets this client use a cloud management gateway (the site's `enable_cmg`).
+    /// When false, only intranet management points are used.
+    pub cmg_enabled: bool,
     pub management_points: Vec<MpStatus>,
     /// Unix seconds, and the same as text.
     pub token_expires: Option<i64>,
@@ -66,6 +69,8 @@ pub fn status(state_dir: &Path) -> Result<ClientStatus, AgentError> {
         Some("the client token expired: connect the device to the internal network so that the client registers again with a management point there".to_owned())
     } else if state.approval == 0 {
         Some("approve the client in the site (`cmg admin device approve`)".to_owned())
+    } else if !policy.enable_cmg && state.current_mp.is_none() {
+        Some("CMG use is disabled by client policy (the site's enable_cmg = no): connect the device to the internal network; the client uses only intranet management points until the site enables CMG use again".to_owned())
     } else {
         state.last_error.as_ref().map(|_| {
             "the agent retries by itself; check the last error and the logs in the state directory".to_owned()
@@ -84,6 +89,7 @@ pub fn status(state_dir: &Path) -> Result<ClientStatus, AgentError> {
         registered_via: state.registered_via,
         connection_type,
         current_management_point: state.current_mp,
+        cmg_enabled: policy.enable_cmg,
         management_points: state
             .management_points
             .iter()
@@ -125,6 +131,15 @@ impl fmt::Display for ClientStatus {
         if let Some(mp) = &self.current_management_point {
             writeln!(f, "Management point:   {mp}")?;
         }
+        writeln!(
+            f,
+            "CMG use:            {}",
+            if self.cmg_enabled {
+                "Enabled"
+            } else {
+                "Disabled by client policy"
+            }
+        )?;
         writeln!(f, "Management points:")?;
         if self.management_points.is_empty() {
             writeln!(f, "  (none known yet)")?;

@@ -361,8 +361,8 @@ async fn the_token_is_renewed_through_the_gateway_when_older_than_the_renewal_in
     assert_ne!(second, third);
     assert!(cycle.management_point.contains("/CCM_Proxy_MutualAuth/"));
     assert!(
-        log(&state, "CcmMessaging")
-            .contains("Renewed the client token through https://granitefalls.cmg.test")
+        log(&state, "ClientIDManagerStartup")
+            .contains("[RegTask] - Renewed the client token through https://granitefalls.cmg.test")
     );
     #[cfg(unix)]
     assert_eq!(mode(&state.join(TOKEN_FILE)), 0o600);
@@ -700,6 +700,31 @@ async fn the_agent_runs_until_shutdown_and_stops_gracefully() {
         assert!(std::time::Instant::now() < deadline, "not delivered");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // A message queued while the agent is idle (nothing else due for an hour) goes out within
+    // seconds, not at the next scheduled work.
+    let later = cmg_client::queue::enqueue(
+        &state,
+        cmg_proto::mp::MessageKind::Status,
+        serde_json::json!({ "from": "another component" }),
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let stored = site
+            .site()
+            .store()
+            .status_messages(&report.client_id)
+            .await
+            .unwrap();
+        if stored.iter().any(|m| m.message.message_id == later) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a message queued while idle waited"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     stop.send(()).unwrap();
     tokio::time::timeout(Duration::from_secs(5), task)
         .await
@@ -707,6 +732,196 @@ async fn the_agent_runs_until_shutdown_and_stops_gracefully() {
         .unwrap()
         .unwrap();
     assert!(log(&state, "CcmMessaging").contains("Agent is stopping"));
+    cmg.shutdown().await;
+    site.shutdown().await;
+}
+
+/// Makes the next cycle poll policy (as if the policy interval had passed).
+fn policy_due(state: &Path) {
+    let path = state.join(STATE_FILE);
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    json["last_policy"] = serde_json::Value::Null;
+    std::fs::write(&path, serde_json::to_vec(&json).unwrap()).unwrap();
+}
+
+/// The roots the client trusts: with the site root the intranet MP answers it, without it not.
+fn trust(state: &Path, roots: &[&str]) {
+    std::fs::write(state.join(TRUST_FILE), roots.join("\n")).unwrap();
+}
+
+async fn stored_ids(site: &TestSite, client_id: &str) -> Vec<String> {
+    site.site()
+        .store()
+        .status_messages(client_id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.message.message_id)
+        .collect()
+}
+
+#[tokio::test]
+async fn with_cmg_use_disabled_by_policy_only_intranet_mps_are_used() {
+    let site = TestSite::start(cmg_store::testing::sqlite_store().await).await;
+    let cmg = site.cmg(1).await;
+    let admin = site.admin().await;
+    let bulk = admin.new_bulk_token(Default::default()).await.unwrap();
+    let setup = Setup::new(&[&cmg.ca_pem, site.root_pem()]);
+    let (internet_only, both) = (
+        [cmg.ca_pem.as_str()],
+        [cmg.ca_pem.as_str(), site.root_pem()],
+    );
+
+    // A client that roams (intranet MP and CMG), and one that is always on the internet.
+    let state = setup.state("roaming");
+    let mut options = command_line(
+        &site,
+        &cmg,
+        &setup,
+        &state,
+        bulk.token.expose(),
+        &format!("SMSMP={}", site.mp_url()),
+    );
+    options.hardware_id = Some("hw-cmg-off".into());
+    let report = cmg_client::install::install_with(&options, agent_options())
+        .await
+        .unwrap();
+    assert_eq!(report.registered_via, "InternalNetwork");
+    let always = setup.state("always");
+    let mut options = command_line(
+        &site,
+        &cmg,
+        &setup,
+        &always,
+        bulk.token.expose(),
+        &format!("SMSMP={} CCMALWAYSINF=1", site.mp_url()),
+    );
+    options.hardware_id = Some("hw-cmg-off-always".into());
+    cmg_client::install::install_with(&options, agent_options())
+        .await
+        .unwrap();
+
+    // On the internet with CMG use enabled: the gateway.
+    trust(&state, &internet_only);
+    let cycle = Agent::open_with(&state, agent_options())
+        .unwrap()
+        .run_cycle_once()
+        .await
+        .unwrap();
+    assert_eq!(cycle.connection.unwrap().as_str(), "Currently Internet");
+    assert!(cycle.management_point.contains("/CCM_Proxy_MutualAuth/"));
+    assert!(cmg_client::status(&state).unwrap().cmg_enabled);
+
+    // The site disables CMG use. The policy that says so still arrives through the gateway;
+    // from then on the gateway is not used, not even for what was queued.
+    admin.set_setting("enable_cmg", "no").await.unwrap();
+    site.settled().await;
+    policy_due(&state);
+    let mut agent = Agent::open_with(&state, agent_options()).unwrap();
+    let queued = agent
+        .queue_status(serde_json::json!({ "while": "cmg disabled" }))
+        .unwrap();
+    let error = agent.run_cycle_once().await.unwrap_err();
+    assert!(
+        matches!(
+            error,
+            AgentError::CmgDisabled {
+                always_internet: false
+            }
+        ),
+        "{error}"
+    );
+    assert!(error.to_string().contains("enable_cmg = no"), "{error}");
+    // Later cycles do not use the gateway either: not the MP list, not the CMG given at
+    // install (CMGFQDNs); the message stays queued.
+    let error = agent.run_cycle_once().await.unwrap_err();
+    assert!(matches!(error, AgentError::CmgDisabled { .. }), "{error}");
+    let status = cmg_client::status(&state).unwrap();
+    assert!(!status.cmg_enabled);
+    assert_eq!(status.connection_type, "Currently Internet");
+    assert_eq!(status.current_management_point, None);
+    assert!(status.queued_messages >= 1);
+    assert!(
+        status
+            .action
+            .as_deref()
+            .is_some_and(|a| a.contains("internal network")),
+        "{status}"
+    );
+    assert!(status.to_string().contains("Disabled by client policy"));
+    assert!(!stored_ids(&site, &report.client_id).await.contains(&queued));
+    let location = log(&state, "ClientLocation");
+    assert!(
+        location.contains(
+            "CMG use is disabled by client policy (enable_cmg = no): only intranet management points are used"
+        ),
+        "{location}"
+    );
+    assert_eq!(
+        location
+            .matches("not using internet management points")
+            .count(),
+        1,
+        "logged once, not every cycle: {location}"
+    );
+
+    // The always-internet client has nowhere to go.
+    policy_due(&always);
+    let error = Agent::open_with(&always, agent_options())
+        .unwrap()
+        .run_cycle_once()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            AgentError::CmgDisabled {
+                always_internet: true
+            }
+        ),
+        "{error}"
+    );
+    let status = cmg_client::status(&always).unwrap();
+    assert_eq!(status.connection_type, "Always Internet");
+    assert_eq!(status.current_management_point, None);
+
+    // Back on the intranet: the intranet MP is used, and the queued message arrives.
+    trust(&state, &both);
+    let cycle = Agent::open_with(&state, agent_options())
+        .unwrap()
+        .run_cycle_once()
+        .await
+        .unwrap();
+    assert_eq!(cycle.connection.unwrap().as_str(), "Currently Intranet");
+    assert_eq!(cycle.management_point, site.mp_url());
+    assert!(stored_ids(&site, &report.client_id).await.contains(&queued));
+
+    // The site enables CMG use again; the client learns it on the intranet…
+    admin.set_setting("enable_cmg", "yes").await.unwrap();
+    site.settled().await;
+    policy_due(&state);
+    let mut agent = Agent::open_with(&state, agent_options()).unwrap();
+    let cycle = agent.run_cycle_once().await.unwrap();
+    assert!(cycle.policy, "{cycle:?}");
+    assert_eq!(cycle.connection.unwrap().as_str(), "Currently Intranet");
+    assert!(cmg_client::status(&state).unwrap().cmg_enabled);
+    assert!(
+        log(&state, "ClientLocation").contains("CMG use is enabled by client policy"),
+        "{}",
+        log(&state, "ClientLocation")
+    );
+
+    // …and uses the gateway again once it is on the internet.
+    trust(&state, &internet_only);
+    let mut agent = Agent::open_with(&state, agent_options()).unwrap();
+    let again = agent.queue_status(serde_json::json!({ "n": 2 })).unwrap();
+    let cycle = agent.run_cycle_once().await.unwrap();
+    assert_eq!(cycle.connection.unwrap().as_str(), "Currently Internet");
+    assert!(cycle.management_point.contains("/CCM_Proxy_MutualAuth/"));
+    assert!(stored_ids(&site, &report.client_id).await.contains(&again));
+    let status = cmg_client::status(&state).unwrap();
+    assert!(status.current_management_point.is_some() && status.action.is_none());
     cmg.shutdown().await;
     site.shutdown().await;
 }

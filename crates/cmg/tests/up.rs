@@ -3,97 +3,26 @@
 //! the gateway; admin commands against the same data directory take effect in the running roles;
 //! SIGTERM stops every role cleanly.
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Command, Stdio};
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::{Up, assert_installed_nothing, cmg, contains};
 use serde_json::Value;
-
-fn cmg(dir: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_cmg"))
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn contains(dir: &Path, needle: &str) -> Option<std::path::PathBuf> {
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            if let Some(found) = contains(&path, needle) {
-                return Some(found);
-            }
-        } else if std::fs::read(&path)
-            .unwrap()
-            .windows(needle.len())
-            .any(|w| w == needle.as_bytes())
-        {
-            return Some(path);
-        }
-    }
-    None
-}
 
 #[test]
 fn the_printed_install_command_registers_a_device_through_the_gateway() {
     let dir = tempfile::tempdir().unwrap();
-    let mut up = Command::new(env!("CARGO_BIN_EXE_cmg"))
-        .current_dir(dir.path())
-        .args([
-            "up",
-            "--gateway-port",
-            "0",
-            "--mp-port",
-            "0",
-            "--tunnel-port",
-            "0",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
-    let mut printed = Vec::new();
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        let done = line == "ready";
-        printed.push(line);
-        if done {
-            break;
-        }
-    }
+    let mut up = Up::start_as_documented(dir.path());
     assert_eq!(
-        printed.last().map(String::as_str),
+        up.printed.last().map(String::as_str),
         Some("ready"),
-        "{printed:?}"
+        "{:?}",
+        up.printed
     );
-    let install = printed
-        .iter()
-        .find(|l| l.starts_with("cmg client install "))
-        .expect("install line")
-        .clone();
-    let args: Vec<&str> = install.split_whitespace().skip(1).collect();
+    let args: Vec<&str> = up.install.iter().map(String::as_str).collect();
     assert!(args.contains(&"CCMALWAYSINF=1"));
-    let token = args
-        .iter()
-        .find_map(|a| a.strip_prefix("/regtoken:"))
-        .unwrap()
-        .to_owned();
-    let mp_url = args
-        .iter()
-        .find_map(|a| a.strip_prefix("/mp:"))
-        .unwrap()
-        .to_owned();
-    let guid = printed
-        .iter()
-        .find_map(|l| {
-            l.strip_prefix("Bulk registration token ")
-                .and_then(|r| r.split(' ').next())
-        })
-        .unwrap()
-        .to_owned();
+    let (token, mp_url, guid) = (up.token.clone(), up.cmg_url.clone(), up.guid.clone());
 
     // Run exactly as printed, from the same directory.
     let out = cmg(dir.path(), &args);
@@ -179,37 +108,6 @@ fn the_printed_install_command_registers_a_device_through_the_gateway() {
     }
 
     // SIGTERM (as Ctrl-C) stops every role cleanly.
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &up.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(status) = up.try_wait().unwrap() {
-            assert!(status.success(), "{status}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "cmg up did not stop");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// A failed install leaves its logs (to say why) and nothing else: no key, certificate, token or
-/// state.
-fn assert_installed_nothing(state: &Path) {
-    let Ok(entries) = std::fs::read_dir(state) else {
-        return;
-    };
-    let left: Vec<String> = entries
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|name| name != "logs")
-        .collect();
-    assert!(
-        left.is_empty(),
-        "a failed install left {left:?} in {}",
-        state.display()
-    );
+    let status = up.stop();
+    assert!(status.success(), "{status}");
 }
