@@ -42,7 +42,10 @@ impl DataDir {
     }
     /// The embedded database used when `cmg site init` gets no `--db`.
     pub fn default_db_url(&self) -> String {
-        format!("sqlite://{}", self.root.join("site.db").display())
+        // Absolute: site.toml keeps it, and commands run from other directories read it.
+        let path = self.root.join("site.db");
+        let path = std::path::absolute(&path).unwrap_or(path);
+        format!("sqlite://{}", path.display())
     }
     /// Certificate and key file of a named credential in `pki/`.
     pub fn credential(&self, name: &str) -> (PathBuf, PathBuf) {

@@ -16,7 +16,11 @@ use clap::Parser;
 
 use cli::{Cli, Command};
 
+#[global_allocator]
+static ALLOCATOR: cmg_alloc::Allocator = cmg_alloc::Allocator;
+
 fn main() -> ExitCode {
+    cmg_alloc::tune();
     let args = match bulk_token::translate_tool_syntax(std::env::args_os().collect()) {
         Ok(args) => args,
         Err(message) => {
@@ -40,10 +44,24 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli, data)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", describe(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each said once (library errors often already name their cause).
+fn describe(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain().map(ToString::to_string) {
+        if !text.contains(&cause) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&cause);
+        }
+    }
+    text
 }
 
 async fn run(cli: Cli, data: cmg_site::DataDir) -> anyhow::Result<()> {

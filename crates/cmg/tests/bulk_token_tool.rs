@@ -400,3 +400,32 @@ async fn the_tool_works_on_a_postgres_site() {
     assert!(record.blocked);
     assert_eq!(record.valid_until - record.valid_from, 7200);
 }
+
+#[test]
+fn a_site_made_with_a_relative_data_dir_works_from_any_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let init = Command::new(env!("CARGO_BIN_EXE_cmg"))
+        .current_dir(dir.path())
+        .args(["--data", "cmg-data", "site", "init", "--site-code", "ABC"])
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let elsewhere = tempfile::tempdir().unwrap();
+    let data = dir.path().join("cmg-data");
+    let out = Command::new(env!("CARGO_BIN_EXE_cmg"))
+        .current_dir(elsewhere.path())
+        .arg("--data")
+        .arg(&data)
+        .args(["bulk-token", "list"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "a site made from another directory must open: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
