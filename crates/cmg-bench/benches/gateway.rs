@@ -6,6 +6,11 @@
 //!    over keep-alive, all connections busy; the same devices (same certificates and tokens)
 //!    calling the MP directly for comparison. A second pair uses the location request
 //!    (`?MPLIST`), which the MP answers without a database write, to show the hop itself.
+//!    Relayed paths run twice: with the connection point calling the MP over mutual TLS (a
+//!    connection point on another host) and in process (`cmg up`). The connection point keeps
+//!    its default tunnels per instance and does not log every URL (not verbose), as deployed.
+//!    Besides the rate, each run reports the CPU time of the whole process per request, which
+//!    other load on the machine moves far less than the rate.
 //! 2. **Added latency at a fixed offered rate**: an open-loop load generator (a pacer sends on
 //!    a fixed schedule whatever the responses do, so a slow response never delays the next
 //!    send) against the MP directly and through the gateway; latency is measured from each
@@ -23,7 +28,8 @@
 //! (default 1), `CMG_BENCH_FALLBACK_RATE` (default 2000; 0 = none), `CMG_BENCH_TPUT_SECS`
 //! (measured seconds per throughput run, default 5), `CMG_BENCH_IDLE` (idle connections,
 //! default 2000), `CMG_BENCH_IDLE_HOLD_SECS` (when to re-count the idle connections, default
-//! 12), `CMG_BENCH_PARTS` (default `throughput,latency,idle`).
+//! 12), `CMG_BENCH_PARTS` (default `throughput,latency,idle`), `CMG_BENCH_PATHS` (throughput
+//! runs whose label contains it, e.g. `gateway+tunnel, policy`; default all).
 //!
 //! Results are printed as labelled lines and as JSON lines (`{"bench":"gateway",…}`).
 
@@ -56,7 +62,43 @@ const IDLE_PARALLEL: usize = 64;
 /// Distinct client certificates the idle connections present.
 const IDLE_CERTS: usize = 8;
 
+/// cmg's allocator (as the `cmg` binary installs it), counting live heap bytes in the gateway child (where the idle-memory
+/// part asks for them) so that live data and allocator overhead can be told apart.
+struct Counting;
+
+static COUNTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static LIVE_BYTES: std::sync::atomic::AtomicIsize = std::sync::atomic::AtomicIsize::new(0);
+
+// SAFETY: every call is passed on unchanged to cmg's allocator; only a counter is added.
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        if COUNTING.load(Ordering::Relaxed) {
+            LIVE_BYTES.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        }
+        // SAFETY: the caller's contract is the inner allocator's.
+        unsafe { cmg_alloc::Allocator.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        if COUNTING.load(Ordering::Relaxed) {
+            LIVE_BYTES.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        }
+        // SAFETY: as above.
+        unsafe { cmg_alloc::Allocator.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new: usize) -> *mut u8 {
+        if COUNTING.load(Ordering::Relaxed) {
+            LIVE_BYTES.fetch_add(new as isize - layout.size() as isize, Ordering::Relaxed);
+        }
+        // SAFETY: as above.
+        unsafe { cmg_alloc::Allocator.realloc(ptr, layout, new) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
 fn main() {
+    cmg_alloc::tune();
     if std::env::var("CMG_BENCH_ROLE").as_deref() == Ok("gateway") {
         gateway_child();
         return;
@@ -226,8 +268,39 @@ async fn setup() -> Setup {
     setup
 }
 
+/// How the connection point reaches the MP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MpHop {
+    /// Over mutual TLS, as from a connection point on another host (`cmg connector run`).
+    Tls,
+    /// A call into the MP of the same process, as `cmg up` runs them.
+    InProcess,
+}
+
+impl MpHop {
+    fn label(self) -> &'static str {
+        match self {
+            MpHop::Tls => "MP over TLS",
+            MpHop::InProcess => "MP in process",
+        }
+    }
+}
+
+/// Replaces the connection point by one that reaches the MP as `hop` says (not verbose: as
+/// deployed, not every relayed URL is logged).
+async fn use_connector(setup: &mut Setup, hop: MpHop) {
+    let options = &mut setup.cmg.connector_options;
+    options.verbose = false;
+    options.in_process = match hop {
+        MpHop::Tls => Vec::new(),
+        MpHop::InProcess => vec![setup.site.in_process_mp()],
+    };
+    setup.cmg.start_connector().await;
+    setup.cmg.stop_connector().await;
+}
+
 fn relay(rt: &tokio::runtime::Runtime, throughput: bool, latency: bool) {
-    let setup = rt.block_on(setup());
+    let mut setup = rt.block_on(setup());
     if throughput {
         let warm = Duration::from_secs(1);
         let secs = Duration::from_secs(env_num("CMG_BENCH_TPUT_SECS", 5).clamp(1, 120));
@@ -237,44 +310,68 @@ fn relay(rt: &tokio::runtime::Runtime, throughput: bool, latency: bool) {
             warm.as_secs(),
             secs.as_secs()
         );
-        let mut results = Vec::new();
-        for (label, targets) in [
-            ("direct MP, policy", &setup.direct_policy),
-            ("gateway+tunnel, policy", &setup.gateway_policy),
-            ("direct MP, location", &setup.direct_location),
-            ("gateway+tunnel, location", &setup.gateway_location),
-        ] {
-            let (rate, ok, errors) = rt.block_on(closed_loop(Arc::clone(targets), warm, secs));
-            println!(
-                "throughput  {label:<26} {rate:>9.0} requests/s  ({ok} ok, {errors} failed in {}s)",
-                secs.as_secs()
-            );
-            println!(
-                "{}",
-                json!({"bench": "gateway", "part": "throughput", "path": label,
-                       "connections": CONNECTIONS, "requests_per_sec": rate.round(),
-                       "ok": ok, "failed": errors, "secs": secs.as_secs()})
-            );
-            results.push(rate);
+        // `CMG_BENCH_PATHS=gateway` (any part of a label) runs only the matching runs, for a
+        // profiler attached to one path.
+        let only = std::env::var("CMG_BENCH_PATHS").unwrap_or_default();
+        let mut rates = Vec::new();
+        for hop in [MpHop::Tls, MpHop::InProcess] {
+            rt.block_on(use_connector(&mut setup, hop));
+            for (path, targets) in [
+                ("direct MP, policy", &setup.direct_policy),
+                ("gateway+tunnel, policy", &setup.gateway_policy),
+                ("direct MP, location", &setup.direct_location),
+                ("gateway+tunnel, location", &setup.gateway_location),
+            ] {
+                let relayed = path.starts_with("gateway");
+                // The direct runs do not depend on the connection point: measured once.
+                if !relayed && hop == MpHop::InProcess {
+                    continue;
+                }
+                let label = if relayed {
+                    format!("{path}, {}", hop.label())
+                } else {
+                    path.to_owned()
+                };
+                if !label.contains(only.as_str()) {
+                    continue;
+                }
+                let run = rt.block_on(closed_loop(Arc::clone(targets), warm, secs));
+                println!(
+                    "throughput  {label:<46} {:>7.0} requests/s  {:>6.1} µs CPU/request  ({} \
+                     ok, {} failed in {}s)",
+                    run.rate,
+                    run.cpu_us_per_request,
+                    run.ok,
+                    run.failed,
+                    secs.as_secs()
+                );
+                println!(
+                    "{}",
+                    json!({"bench": "gateway", "part": "throughput", "path": label,
+                           "connections": CONNECTIONS, "requests_per_sec": run.rate.round(),
+                           "cpu_us_per_request": (run.cpu_us_per_request * 10.0).round() / 10.0,
+                           "ok": run.ok, "failed": run.failed, "secs": secs.as_secs()})
+                );
+                if relayed {
+                    rates.push((label, run.rate));
+                }
+            }
         }
-        println!(
-            "throughput  gateway/direct ratio: policy {:.2}, location {:.2}; goal ≥ 20000 \
-             relayed requests/s (policy: {:.0}, location: {:.0})",
-            results[1] / results[0],
-            results[3] / results[2],
-            results[1],
-            results[3]
-        );
+        for (label, rate) in rates {
+            println!("throughput  goal ≥ 20000 relayed requests/s: {label}: {rate:.0}");
+        }
     }
     if latency {
         let rate = env_num("CMG_BENCH_RATE", 10_000).clamp(1, 200_000);
         let fallback = env_num("CMG_BENCH_FALLBACK_RATE", 2_000).min(200_000);
         let secs = env_num("CMG_BENCH_SECS", 5).clamp(1, 120);
         let warm = env_num("CMG_BENCH_WARMUP_SECS", 1).min(60);
+        rt.block_on(use_connector(&mut setup, MpHop::InProcess));
         println!(
             "\n== 2. Added latency, open loop (fixed send schedule, latency from the intended \
              send time), policy with token, {CONNECTIONS} connections, {warm}s warm-up + {secs}s \
-             measured =="
+             measured; relayed with the {} (as `cmg up`) ==",
+            MpHop::InProcess.label()
         );
         let sustained = latency_pair(rt, &setup, rate, warm, secs);
         if !sustained && fallback > 0 && fallback < rate {
@@ -292,7 +389,7 @@ fn relay(rt: &tokio::runtime::Runtime, throughput: bool, latency: bool) {
 
 /// Every target busy with one request at a time until the end; requests/s completed in the
 /// measured window, with the counts of successes and failures in it.
-async fn closed_loop(targets: Targets, warm: Duration, measure: Duration) -> (f64, u64, u64) {
+async fn closed_loop(targets: Targets, warm: Duration, measure: Duration) -> Closed {
     let ok = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     let end = tokio::time::Instant::now() + warm + measure;
@@ -310,16 +407,18 @@ async fn closed_loop(targets: Targets, warm: Duration, measure: Duration) -> (f6
         }));
     }
     tokio::time::sleep(warm).await;
-    let (ok0, failed0, t0) = (
+    let (ok0, failed0, t0, cpu0) = (
         ok.load(Ordering::Relaxed),
         failed.load(Ordering::Relaxed),
         Instant::now(),
+        process_cpu(),
     );
     tokio::time::sleep_until(end).await;
-    let (ok1, failed1, elapsed) = (
+    let (ok1, failed1, elapsed, cpu1) = (
         ok.load(Ordering::Relaxed),
         failed.load(Ordering::Relaxed),
         t0.elapsed(),
+        process_cpu(),
     );
     for task in tasks {
         let abort = task.abort_handle();
@@ -330,11 +429,42 @@ async fn closed_loop(targets: Targets, warm: Duration, measure: Duration) -> (f6
             abort.abort();
         }
     }
-    (
-        (ok1 - ok0) as f64 / elapsed.as_secs_f64(),
-        ok1 - ok0,
-        failed1 - failed0,
-    )
+    let ok = ok1 - ok0;
+    Closed {
+        rate: ok as f64 / elapsed.as_secs_f64(),
+        ok,
+        failed: failed1 - failed0,
+        cpu_us_per_request: (cpu1 - cpu0).as_secs_f64() * 1e6 / ok.max(1) as f64,
+    }
+}
+
+/// What a closed-loop run measured.
+struct Closed {
+    rate: f64,
+    ok: u64,
+    failed: u64,
+    /// CPU time of the whole process (load generator and every role) per successful request:
+    /// unlike the rate, barely moved by other work on the machine.
+    cpu_us_per_request: f64,
+}
+
+/// User + system CPU time this process has used (from `/proc/self/stat`, in clock ticks of
+/// 10 ms: the measured windows are seconds long).
+fn process_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of the file; the first field after the name is 3.
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
 }
 
 /// One request of an open-loop run.
@@ -566,11 +696,16 @@ fn gateway_child() {
         crl_refresh_secs: 3600,
     };
     write("ca.crt", ca.credential().cert_pem());
-    // Standard input closing (the parent ending, whatever the way) stops the child.
+    // Counted from before the gateway starts, so frees of its allocations balance.
+    COUNTING.store(true, Ordering::Relaxed);
+    // Each line on standard input asks for the live heap bytes; its closing (the parent ending,
+    // whatever the way) stops the child.
     let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
     std::thread::spawn(move || {
-        let mut sink = Vec::new();
-        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+        for _ in std::io::stdin().lines().map_while(Result::ok) {
+            println!("HEAP {}", LIVE_BYTES.load(Ordering::Relaxed));
+            let _ = std::io::stdout().flush();
+        }
         let _ = closed_tx.send(());
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -776,15 +911,48 @@ fn idle_memory(rt: &tokio::runtime::Runtime, n: usize, hold: Duration, proto: Pr
         stop_child(child);
         return;
     };
-    let result = rt.block_on(measure_idle(pid, addr, dir.path(), n, hold, proto));
+    let mut probe = HeapProbe {
+        stdin: child.stdin.take().expect("child stdin"),
+        lines: line_rx,
+    };
+    let result = rt.block_on(measure_idle(
+        pid,
+        &mut probe,
+        addr,
+        dir.path(),
+        n,
+        hold,
+        proto,
+    ));
+    child.stdin = Some(probe.stdin);
     stop_child(child);
     if let Err(e) = result {
         println!("idle        {}: failed: {e}", proto.label());
     }
 }
 
+/// Asks the gateway child for its live heap bytes.
+struct HeapProbe {
+    stdin: std::process::ChildStdin,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl HeapProbe {
+    /// Live heap bytes in the child (a blocking round trip of a few microseconds).
+    fn live_bytes(&mut self) -> i64 {
+        let _ = writeln!(self.stdin, "heap");
+        let _ = self.stdin.flush();
+        self.lines
+            .recv_timeout(Duration::from_secs(5))
+            .ok()
+            .and_then(|line| line.strip_prefix("HEAP ")?.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
 async fn measure_idle(
     pid: u32,
+    probe: &mut HeapProbe,
     addr: SocketAddr,
     dir: &Path,
     n: usize,
@@ -813,6 +981,7 @@ async fn measure_idle(
     open_many(addr, &configs, proto, IDLE_WARM, &mut conns).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (rss_before, anon_before) = rss_kib(pid);
+    let heap_before = probe.live_bytes();
     let fds_before = open_fds(pid);
     let opening = Instant::now();
     let opened = open_many(addr, &configs, proto, n, &mut conns).await;
@@ -823,6 +992,8 @@ async fn measure_idle(
     let settle = Duration::from_secs(2);
     tokio::time::sleep(settle).await;
     let (rss_after, anon_after) = rss_kib(pid);
+    let heap_after = probe.live_bytes();
+    let heap_per_conn = (heap_after - heap_before) as f64 / 1024.0 / n as f64;
     let fds_after = open_fds(pid);
     let per_conn = (rss_after as f64 - rss_before as f64) / n as f64;
     let per_conn_anon = (anon_after as f64 - anon_before as f64) / n as f64;
@@ -838,7 +1009,7 @@ async fn measure_idle(
     );
     println!(
         "idle        {}: {per_conn:.1} KiB VmRSS per idle TLS device connection \
-         ({per_conn_anon:.1} KiB RssAnon); goal ≤ 16 KiB",
+         ({per_conn_anon:.1} KiB RssAnon; live heap {heap_per_conn:.1} KiB); goal ≤ 16 KiB",
         proto.label()
     );
     println!(
@@ -847,6 +1018,7 @@ async fn measure_idle(
                "connections": n, "rss_before_kib": rss_before, "rss_after_kib": rss_after,
                "kib_per_connection": (per_conn * 10.0).round() / 10.0,
                "anon_kib_per_connection": (per_conn_anon * 10.0).round() / 10.0,
+               "heap_kib_per_connection": (heap_per_conn * 10.0).round() / 10.0,
                "fds_added": fds_after.saturating_sub(fds_before)})
     );
     // Are they still open later on? (Counted from the child's open file descriptors.)

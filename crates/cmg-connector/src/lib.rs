@@ -48,7 +48,20 @@ pub struct ConnectorOptions {
     pub name: String,
     /// How often traffic is reported to the site (DESIGN §2: every 5 minutes).
     pub report_interval: Duration,
+    /// Tunnels kept to each gateway instance. Each tunnel is one TLS connection whose HTTP/2
+    /// framing and encryption run on one task at each end, so one tunnel caps an instance at
+    /// what one core can frame; a few spread the load over the cores (DESIGN §6: "a few
+    /// long-lived connections").
+    pub tunnels_per_instance: usize,
+    /// Management points running in this process (`cmg up`): relayed requests for them skip
+    /// the TLS hop; every other MP is called over mutual TLS.
+    pub in_process: Vec<cmg_site::mp::InProcessMp>,
 }
+
+/// Default [`ConnectorOptions::tunnels_per_instance`].
+pub const TUNNELS_PER_INSTANCE: usize = 2;
+/// Most tunnels per instance that may be asked for.
+pub const MAX_TUNNELS_PER_INSTANCE: usize = 16;
 
 /// Traffic is reported every 5 minutes (DESIGN §2).
 pub const REPORT_INTERVAL: Duration = Duration::from_secs(300);
@@ -63,6 +76,8 @@ impl ConnectorOptions {
             max_backoff: Duration::from_secs(60),
             name: host_name(),
             report_interval: REPORT_INTERVAL,
+            tunnels_per_instance: TUNNELS_PER_INSTANCE,
+            in_process: Vec::new(),
         }
     }
 }
@@ -165,6 +180,7 @@ impl Connector {
                     .map_err(|e| ConnectorError::Client(e.to_string()))?,
             )
             .timeout(Duration::from_secs(30))
+            .http1_only()
             .build()
             .map_err(|e| ConnectorError::Client(e.to_string()))?;
         let relay = Arc::new(relay::Relay::new(
@@ -172,14 +188,19 @@ impl Connector {
             state,
             options.cmg.clone(),
             mp_client,
+            options.in_process.clone(),
             log.clone(),
             options.verbose,
         ));
         let (stop, stopped) = watch::channel(false);
         let live = Arc::new(AtomicUsize::new(0));
+        let per_instance = options
+            .tunnels_per_instance
+            .clamp(1, MAX_TUNNELS_PER_INSTANCE);
         let tasks = options
             .targets
             .iter()
+            .flat_map(|target| std::iter::repeat_n(target, per_instance))
             .map(|target| {
                 tokio::spawn(tunnel::keep(
                     target.clone(),

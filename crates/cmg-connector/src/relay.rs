@@ -10,6 +10,7 @@ use cmg_log::ComponentLog;
 use cmg_proto::mp::{ErrorBody, GATEWAY_URL_MAP, relay as relay_headers};
 use cmg_proto::tunnel::{self, GatewaySettings};
 use cmg_site::cmg::CmgDefinition;
+use cmg_site::mp::InProcessMp;
 use cmg_site::{Site, SiteState, StateWatch};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Body;
@@ -18,6 +19,8 @@ use hyper::{Request, Response, StatusCode, header};
 
 /// Largest device request body relayed (the MP's own limit).
 const MAX_BODY: usize = cmg_site::mp::MAX_BODY_BYTES;
+/// Largest MP answer relayed (policy with every setting is a few KiB).
+const MAX_REPLY: usize = 16 * 1024 * 1024;
 
 /// Headers passed from the gateway to the MP; everything else is dropped.
 const FORWARDED: [&str; 7] = [
@@ -35,6 +38,8 @@ pub(crate) struct Relay {
     state: StateWatch,
     cmg: String,
     mp_client: reqwest::Client,
+    /// Management points of this process, called without the TLS hop.
+    in_process: Vec<InProcessMp>,
     log: ComponentLog,
     verbose: bool,
     /// Rotates the fallback order over management points.
@@ -61,6 +66,7 @@ impl Relay {
         state: StateWatch,
         cmg: String,
         mp_client: reqwest::Client,
+        in_process: Vec<InProcessMp>,
         log: ComponentLog,
         verbose: bool,
     ) -> Self {
@@ -69,6 +75,7 @@ impl Relay {
             state,
             cmg,
             mp_client,
+            in_process,
             log,
             verbose,
             next: AtomicUsize::new(0),
@@ -236,22 +243,21 @@ impl Relay {
             .take(allowed.len().saturating_sub(1));
         for index in std::iter::once(first).chain(others) {
             let mp = allowed[index];
+            let local = self.in_process.iter().find(|l| l.role_id() == mp.role_id);
             let url = format!("{}{endpoint}{query}", mp.url);
             if self.verbose {
-                self.log.info(&format!("Switched to internal URL {url}"));
+                let how = if local.is_some() { " (in process)" } else { "" };
+                self.log
+                    .info(&format!("Switched to internal URL {url}{how}"));
             }
-            let mut outgoing = self
-                .mp_client
-                .request(parts.method.clone(), &url)
-                .body(body.clone());
-            for name in FORWARDED {
-                for value in parts.headers.get_all(name) {
-                    outgoing = outgoing.header(name, value.clone());
-                }
-            }
-            match outgoing.send().await {
-                Ok(response) => {
-                    let reply = self.answer(response).await;
+            let sent = match local {
+                Some(local) => Ok(self
+                    .call_in_process(local, &parts, &format!("{endpoint}{query}"), &body)
+                    .await),
+                None => self.call_over_tls(&url, &parts, &body).await,
+            };
+            match sent {
+                Ok(reply) => {
                     self.count(
                         endpoint,
                         body.len(),
@@ -287,6 +293,65 @@ impl Relay {
         )
     }
 
+    /// The headers passed on to the MP (everything else the gateway sent is dropped).
+    fn forwarded(
+        parts: &hyper::http::request::Parts,
+    ) -> impl Iterator<Item = (&'static str, &header::HeaderValue)> {
+        FORWARDED
+            .into_iter()
+            .flat_map(|name| parts.headers.get_all(name).iter().map(move |v| (name, v)))
+    }
+
+    async fn call_over_tls(
+        &self,
+        url: &str,
+        parts: &hyper::http::request::Parts,
+        body: &Bytes,
+    ) -> Result<Reply, reqwest::Error> {
+        let mut outgoing = self
+            .mp_client
+            .request(parts.method.clone(), url)
+            .body(body.clone());
+        for (name, value) in Self::forwarded(parts) {
+            outgoing = outgoing.header(name, value.clone());
+        }
+        let response = outgoing.send().await?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = response.bytes().await.unwrap_or_default();
+        Ok(answer(status, &headers, body))
+    }
+
+    async fn call_in_process(
+        &self,
+        mp: &InProcessMp,
+        parts: &hyper::http::request::Parts,
+        path_and_query: &str,
+        body: &Bytes,
+    ) -> Reply {
+        let mut request = Request::builder()
+            .method(parts.method.clone())
+            .uri(path_and_query);
+        for (name, value) in Self::forwarded(parts) {
+            request = request.header(name, value.clone());
+        }
+        let Ok(request) = request.body(axum::body::Body::from(body.clone())) else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "CMGConnector_Bad_Request",
+                "the request cannot be passed on to the management point",
+                "check the URL",
+            );
+        };
+        let (head, body) = mp.call(request).await.into_parts();
+        let body = Limited::new(body, MAX_REPLY)
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        answer(head.status, &head.headers, body)
+    }
+
     fn count(&self, endpoint: &str, bytes_in: usize, bytes_out: u64) {
         let mut traffic = self.traffic.lock().unwrap_or_else(|p| p.into_inner());
         let counts = traffic.entry(endpoint.to_owned()).or_default();
@@ -294,21 +359,17 @@ impl Relay {
         counts.bytes_in += i64::try_from(bytes_in).unwrap_or(i64::MAX);
         counts.bytes_out += i64::try_from(bytes_out).unwrap_or(i64::MAX);
     }
+}
 
-    async fn answer(&self, response: reqwest::Response) -> Reply {
-        let status = response.status();
-        let content_type = response.headers().get(header::CONTENT_TYPE).cloned();
-        let retry_after = response.headers().get(header::RETRY_AFTER).cloned();
-        let body = response.bytes().await.unwrap_or_default();
-        let mut builder = Response::builder().status(status);
-        if let Some(v) = content_type {
-            builder = builder.header(header::CONTENT_TYPE, v);
+/// The MP's answer as relayed back: status, body and the headers a device needs.
+fn answer(status: StatusCode, headers: &header::HeaderMap, body: Bytes) -> Reply {
+    let mut builder = Response::builder().status(status);
+    for name in [header::CONTENT_TYPE, header::RETRY_AFTER] {
+        if let Some(v) = headers.get(&name) {
+            builder = builder.header(name, v.clone());
         }
-        if let Some(v) = retry_after {
-            builder = builder.header(header::RETRY_AFTER, v);
-        }
-        builder.body(Full::new(body)).unwrap_or_default()
     }
+    builder.body(Full::new(body)).unwrap_or_default()
 }
 
 fn reply(status: StatusCode, body: Bytes) -> Reply {

@@ -497,3 +497,48 @@ async fn at_the_critical_data_level_relaying_stops_when_so_configured() {
     cmg.shutdown().await;
     site.shutdown().await;
 }
+
+/// As `cmg up` runs it: the connection point calls the MP of its own process (no TLS hop), and
+/// everything a device sees is the same; the verbose log names every internal URL.
+#[tokio::test]
+async fn with_the_mp_in_process_the_relay_keeps_every_rule() {
+    let site = TestSite::start(cmg_store::testing::sqlite_store().await).await;
+    let mut cmg = site.cmg(1).await;
+    cmg.connector_options.in_process = vec![site.in_process_mp()];
+    cmg.start_connector().await;
+    cmg.stop_connector().await;
+    let admin = site.admin().await;
+    let bulk = admin.new_bulk_token(Default::default()).await.unwrap();
+
+    let device = cmg.device(0, "in-process-1");
+    let (client_id, token) = device.register_ok(Some(bulk.token.expose())).await;
+    assert_eq!(claims(&token)["RegisteredVia"], "BulkRegistration");
+    let (status, policy) = device.policy(Some(&token)).await;
+    assert_eq!(status, StatusCode::OK, "{policy}");
+    // The MP believed the identity the gateway verified: the device was seen via the CMG.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let row = site.site().store().device(&client_id).await.unwrap();
+        if row.and_then(|r| r.last_seen_via).as_deref() == Some("CMG GraniteFalls") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never seen via the CMG");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, renewed) = device.renew(Some(&token)).await;
+    assert_eq!(status, StatusCode::OK, "{renewed}");
+
+    let log = std::fs::read_to_string(
+        site.site()
+            .data()
+            .logs_dir()
+            .join("SMS_Cloud_ProxyConnector.log"),
+    )
+    .unwrap();
+    let expected = format!(
+        "Switched to internal URL {}{} (in process)",
+        site.mp_url(),
+        cmg_proto::mp::POLICY
+    );
+    assert!(log.contains(&expected), "no '{expected}' in:\n{log}");
+}

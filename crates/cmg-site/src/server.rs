@@ -92,6 +92,15 @@ impl SiteServer {
         &self.state
     }
 
+    /// This site's MP for the site's own connection point running in the same process (as
+    /// `cmg up` does): relayed requests skip the TLS hop to the MP, under the same rules.
+    pub fn in_process_mp(&self) -> Result<crate::mp::InProcessMp, SiteError> {
+        let (crt, _) = self.site.data().credential(crate::layout::CONNECTION_POINT);
+        let pem = std::fs::read_to_string(&crt).map_err(SiteError::io("read", &crt))?;
+        let der = cmg_pki::pem_to_der(&pem, "the connection point certificate")?;
+        Ok(self.mp.in_process(cmg_pki::thumbprint_sha256(&der)))
+    }
+
     /// Waits until the running site has loaded every change stored so far (it polls every
     /// [`CHANGE_POLL`]); `false` if that took longer than `limit`.
     pub async fn settled(&self, limit: Duration) -> Result<bool, SiteError> {

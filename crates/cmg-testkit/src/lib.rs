@@ -72,6 +72,13 @@ impl TestSite {
         self.server.as_ref().expect("the site server is running")
     }
 
+    /// The MP for a connection point in this process (no TLS hop), as `cmg up` runs it.
+    pub fn in_process_mp(&self) -> cmg_site::mp::InProcessMp {
+        self.server()
+            .in_process_mp()
+            .expect("the connection point certificate")
+    }
+
     /// `https://127.0.0.1:PORT`, the MP's base URL.
     pub fn mp_url(&self) -> String {
         format!("https://{}", self.server().mp_addr())
@@ -308,8 +315,11 @@ pub struct TestCmg {
     /// The development CA that issued the gateways' server certificate (devices trust it).
     pub ca_pem: String,
     pub gateways: Vec<cmg_gateway::Gateway>,
-    connectors: Vec<cmg_connector::Connector>,
-    connector_options: cmg_connector::ConnectorOptions,
+    /// Running connection points, each with the tunnels it keeps per instance.
+    connectors: Vec<(cmg_connector::Connector, usize)>,
+    /// Options of the next [`TestCmg::start_connector`]; verbose (every relayed URL logged) by
+    /// default, as tests read those lines.
+    pub connector_options: cmg_connector::ConnectorOptions,
     mp_role_id: i64,
     site: Arc<Site>,
     state: cmg_site::StateWatch,
@@ -434,20 +444,26 @@ impl TestCmg {
         )
         .await
         .expect("connection point");
-        self.connectors.push(connector);
-        let (wanted, version) = (self.connectors.len(), self.state.borrow().version);
+        self.connectors
+            .push((connector, self.connector_options.tunnels_per_instance));
+        let (wanted, version) = (self.tunnels(), self.state.borrow().version);
         self.wait_until(|g| {
             g.tunnels() >= wanted && g.settings_version().is_some_and(|v| v >= version)
         })
         .await;
     }
 
+    /// Tunnels each gateway instance should have from the running connection points.
+    pub fn tunnels(&self) -> usize {
+        self.connectors.iter().map(|(_, n)| n).sum()
+    }
+
     /// Stops the oldest connection point (its tunnels close) and waits until the gateways see it.
     pub async fn stop_connector(&mut self) {
         if !self.connectors.is_empty() {
-            self.connectors.remove(0).shutdown().await;
+            self.connectors.remove(0).0.shutdown().await;
         }
-        let remaining = self.connectors.len();
+        let remaining = self.tunnels();
         self.wait_until(|g| g.tunnels() == remaining).await;
     }
 
@@ -496,7 +512,7 @@ impl TestCmg {
     }
 
     pub async fn shutdown(mut self) {
-        for connector in self.connectors.drain(..) {
+        for (connector, _) in self.connectors.drain(..) {
             connector.shutdown().await;
         }
         for gateway in self.gateways.drain(..) {

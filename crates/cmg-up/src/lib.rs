@@ -154,7 +154,9 @@ impl Up {
                 server_name: CMG_HOST.into(),
             })
             .collect();
-        let connector_options = ConnectorOptions::new(CMG_NAME, targets, vec![read(&dev.ca)?]);
+        let mut connector_options = ConnectorOptions::new(CMG_NAME, targets, vec![read(&dev.ca)?]);
+        // All roles share this process: relayed requests reach the MP without a TLS hop.
+        connector_options.in_process = vec![site.in_process_mp()?];
         let connector = Connector::start(
             Arc::clone(site.site()),
             site.state().clone(),

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use clap::builder::TypedValueParser as _;
 use clap::{Args, Parser, Subcommand};
 use cmg_site::{BulkTokenLifetime, InventoryKind, KeyAlgorithm, SiteCode};
 
@@ -134,6 +135,11 @@ pub enum ConnectorCommand {
         /// Log every relayed request's internal URL (`Switched to internal URL …`).
         #[arg(long)]
         verbose: bool,
+        /// Tunnels (TLS connections) kept to each gateway instance, 1–16: one tunnel is framed
+        /// and encrypted on one core at each end, so busy CMGs want about one per core.
+        #[arg(long, value_name = "N", default_value_t = cmg_connector::TUNNELS_PER_INSTANCE,
+              value_parser = clap::value_parser!(u16).range(1..=cmg_connector::MAX_TUNNELS_PER_INSTANCE as i64).map(usize::from))]
+        tunnels: usize,
     },
 }
 

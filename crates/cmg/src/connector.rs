@@ -13,6 +13,7 @@ pub async fn run(cmd: ConnectorCommand, data: DataDir) -> anyhow::Result<()> {
         cmg,
         gateway_roots,
         verbose,
+        tunnels,
     } = cmd;
     let admin = AdminService::open(data.clone(), crate::actor()).await?;
     let def = match cmg {
@@ -33,11 +34,12 @@ pub async fn run(cmd: ConnectorCommand, data: DataDir) -> anyhow::Result<()> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     let mut options = ConnectorOptions::for_cmg(&def, roots)?;
     options.verbose = verbose;
+    options.tunnels_per_instance = tunnels;
     let site = Arc::new(Site::open(data).await?);
     let (state, watcher) = watch_state(Arc::clone(&site), cmg_site::CHANGE_POLL).await?;
     let connector = Connector::start(Arc::clone(&site), state, options).await?;
     println!(
-        "Connection point for CMG {} dialling {} instance(s)",
+        "Connection point for CMG {} dialling {} instance(s), {tunnels} tunnel(s) each",
         def.name, def.instances
     );
     println!("ready");

@@ -54,6 +54,8 @@ impl MpOptions {
 /// A running management point. Dropping it does not stop it; call [`MpServer::shutdown`].
 pub struct MpServer {
     local_addr: SocketAddr,
+    role_id: i64,
+    router: axum::Router,
     mp: Arc<api::Mp>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
@@ -87,7 +89,7 @@ impl MpServer {
         let task = tokio::spawn(conn::serve(
             listener,
             tls,
-            router,
+            router.clone(),
             stopped,
             options.request_timeout,
         ));
@@ -97,6 +99,8 @@ impl MpServer {
         ));
         Ok(MpServer {
             local_addr,
+            role_id: options.role_id,
+            router,
             mp,
             stop,
             task,
@@ -107,11 +111,65 @@ impl MpServer {
         self.local_addr
     }
 
+    /// This MP for a connection point in the same process, which then skips the TLS hop:
+    /// requests reach the same router with the same rules, the caller being the connection
+    /// point certificate with SHA-256 thumbprint `connection_point` (relayed identities are
+    /// believed only if the site lists that certificate, exactly as over TLS).
+    pub fn in_process(&self, connection_point: String) -> InProcessMp {
+        InProcessMp {
+            role_id: self.role_id,
+            router: self.router.clone(),
+            peer: Arc::new(conn::Peer {
+                remote: SocketAddr::from(([127, 0, 0, 1], 0)),
+                thumbprint: Some(connection_point),
+                verified: std::sync::Mutex::new(None),
+            }),
+        }
+    }
+
     /// Stops accepting, lets requests in flight finish (up to [`REQUEST_TIMEOUT`]), and returns.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
         self.mp.flush_seen().await;
+    }
+}
+
+/// A management point of this process, called without a network hop (see
+/// [`MpServer::in_process`]).
+#[derive(Clone)]
+pub struct InProcessMp {
+    role_id: i64,
+    router: axum::Router,
+    peer: Arc<conn::Peer>,
+}
+
+impl std::fmt::Debug for InProcessMp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InProcessMp")
+            .field("role_id", &self.role_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl InProcessMp {
+    /// The role ID of the MP it calls.
+    pub fn role_id(&self) -> i64 {
+        self.role_id
+    }
+
+    /// Serves one request (path and query in its URI) as the MP would over HTTPS.
+    pub async fn call(
+        &self,
+        mut request: hyper::Request<axum::body::Body>,
+    ) -> hyper::Response<axum::body::Body> {
+        use tower_service::Service;
+        request.extensions_mut().insert(Arc::clone(&self.peer));
+        let mut router = self.router.clone();
+        match router.call(request).await {
+            Ok(response) => response,
+            Err(never) => match never {},
+        }
     }
 }
 
