@@ -542,3 +542,408 @@ async fn with_the_mp_in_process_the_relay_keeps_every_rule() {
     );
     assert!(log.contains(&expected), "no '{expected}' in:\n{log}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// PKI client certificates from a customer CA, and that CA's CRL (DESIGN §4, first row).
+
+/// A customer's CA (not the site's) issuing device certificates, and its CRLs.
+mod customer_pki {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertificateRevocationListParams, CrlDistributionPoint,
+        DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair,
+        KeyUsagePurpose, RevokedCertParams, SerialNumber,
+    };
+    use time::{Duration, OffsetDateTime};
+
+    pub struct Ca {
+        pub pem: String,
+        issuer: Issuer<'static, KeyPair>,
+    }
+
+    fn dn(cn: &str) -> DistinguishedName {
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, cn);
+        dn.push(DnType::OrganizationName, "Contoso");
+        dn
+    }
+
+    pub fn ca(name: &str) -> Ca {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn(name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.not_before = OffsetDateTime::now_utc() - Duration::hours(1);
+        params.not_after = OffsetDateTime::now_utc() + Duration::days(365);
+        let cert = params.self_signed(&key).unwrap();
+        Ca {
+            pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// A client authentication certificate from `ca` with this serial number, naming `cdp` as
+    /// its CRL distribution point when given.
+    pub fn device(ca: &Ca, cn: &str, serial: u64, cdp: Option<&str>) -> cmg_pki::Credential {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn(cn);
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.serial_number = Some(SerialNumber::from(serial));
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = OffsetDateTime::now_utc() - Duration::hours(1);
+        params.not_after = OffsetDateTime::now_utc() + Duration::days(30);
+        if let Some(url) = cdp {
+            params.crl_distribution_points = vec![CrlDistributionPoint {
+                uris: vec![url.to_owned()],
+            }];
+        }
+        let cert = params.signed_by(&key, &ca.issuer).unwrap();
+        // cmg-pki makes a `Credential` from PEM texts only through `SiteAuthority::load`, which
+        // takes any certificate with its key (it does not require a CA certificate).
+        cmg_pki::SiteAuthority::load(&cert.pem(), &key.serialize_pem())
+            .unwrap()
+            .credential()
+            .clone()
+    }
+
+    /// A CRL of `ca` revoking these serial numbers, current for an hour: (PEM, DER).
+    pub fn crl(ca: &Ca, revoked: &[u64]) -> (String, Vec<u8>) {
+        let now = OffsetDateTime::now_utc();
+        let crl = CertificateRevocationListParams {
+            this_update: now - Duration::minutes(5),
+            next_update: now + Duration::hours(1),
+            crl_number: SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|s| RevokedCertParams {
+                    serial_number: SerialNumber::from(*s),
+                    revocation_time: now - Duration::minutes(1),
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        }
+        .signed_by(&ca.issuer)
+        .unwrap();
+        (crl.pem().unwrap(), crl.der().to_vec())
+    }
+}
+
+/// The CA's CRL distribution point: one CRL over plain HTTP/1.1 on 127.0.0.1 (a free port),
+/// counting downloads.
+async fn serve_crl(der: Vec<u8>) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/pki/issuing.crl", listener.local_addr().unwrap());
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&hits);
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let (der, counter) = (der.clone(), Arc::clone(&counter));
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let response = if request.starts_with(b"GET /pki/issuing.crl ") {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    let mut r = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/pkix-crl\r\n\
+                         content-length: {}\r\nconnection: close\r\n\r\n",
+                        der.len()
+                    )
+                    .into_bytes();
+                    r.extend_from_slice(&der);
+                    r
+                } else {
+                    b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                        .to_vec()
+                };
+                let _ = tcp.write_all(&response).await;
+                let _ = tcp.shutdown().await;
+            });
+        }
+    });
+    (url, hits)
+}
+
+/// `POST /ccm_system/request` with one status message, with or without a client token.
+async fn post_status(
+    device: &cmg_testkit::TestDevice,
+    id: &str,
+    token: Option<&str>,
+) -> cmg_testkit::Reply {
+    let batch = serde_json::json!({"messages": [{"id": id, "kind": "Heartbeat", "time": 1}]});
+    let mut request = device
+        .client()
+        .post(format!("{}{}", device.base, cmg_proto::mp::STATUS))
+        .json(&batch);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let reply = request.send().await.unwrap();
+    let status = reply.status();
+    (status, reply.json().await.unwrap_or(Value::Null))
+}
+
+/// The IDs of the status messages the site stored for `client_id`, in order of arrival.
+async fn stored_messages(site: &TestSite, client_id: &str) -> Vec<String> {
+    site.site()
+        .store()
+        .status_messages(client_id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.message.message_id)
+        .collect()
+}
+
+#[track_caller]
+fn assert_revoked((status, body): cmg_testkit::Reply, what: &str) {
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (
+            StatusCode::FORBIDDEN,
+            Some("CMGService_Certificate_Revoked")
+        ),
+        "{what}: {body}"
+    );
+}
+
+/// Issue 4: with the CMG's CRL check on, a device whose PKI certificate its CA's CRL revokes is
+/// refused by both instances and never reaches the site, while another device of the same CA
+/// reaches every MP endpoint through both. The CRL comes from the distribution point named in
+/// the device certificates, as a CA publishes it. Turning the check off (`cmg admin cmg modify`)
+/// lets the revoked device in within seconds on both instances; on again, it is out again.
+#[tokio::test]
+async fn a_pki_device_revoked_by_its_cas_crl_is_refused_by_both_instances_while_the_check_is_on() {
+    let ca = customer_pki::ca("Contoso Issuing CA");
+    let (_, crl_der) = customer_pki::crl(&ca, &[4002]);
+    let (cdp, downloads) = serve_crl(crl_der).await;
+    let good = customer_pki::device(&ca, "pki-good", 4001, Some(&cdp));
+    let revoked = customer_pki::device(&ca, "pki-revoked", 4002, Some(&cdp));
+    let revoked_thumbprint = cmg_pki::thumbprint_sha256(revoked.cert_der());
+
+    let site = TestSite::start(cmg_store::testing::sqlite_store().await).await;
+    let cmg = site
+        .cmg_with(2, |d| {
+            d.trusted_cas = vec![ca.pem.clone()];
+            d.crl_check = true;
+        })
+        .await;
+    let store = site.site().store();
+
+    // The good device, without any token (but for renewal, which renews the token it got at
+    // registration): every MP endpoint through each instance.
+    let mut good_id = None;
+    for n in 0..2 {
+        let device = cmg.device_with(n, "pki-good", good.clone());
+        let (client_id, token) = device.register_ok(None).await;
+        assert_eq!(claims(&token)["RegisteredVia"], "PKI", "instance {n}");
+        assert_eq!(good_id.get_or_insert_with(|| client_id.clone()), &client_id);
+        let (status, mps) = device.location(None).await;
+        assert_eq!(status, StatusCode::OK, "instance {n}: {mps}");
+        assert!(
+            mps["management_points"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["kind"] == "Internet"),
+            "{mps}"
+        );
+        let (status, policy) = device.policy(None).await;
+        assert_eq!(status, StatusCode::OK, "instance {n}: {policy}");
+        assert_eq!(policy["enable_cmg"], true);
+        let (status, renewed) = device.renew(Some(&token)).await;
+        assert_eq!(status, StatusCode::OK, "instance {n}: {renewed}");
+        assert_eq!(
+            claims(renewed["client_token"].as_str().unwrap())["sub"],
+            client_id.as_str()
+        );
+        let (status, ack) = post_status(&device, &format!("good-{n}"), None).await;
+        assert_eq!(status, StatusCode::OK, "instance {n}: {ack}");
+        assert_eq!(ack["accepted"], 1);
+    }
+    let good_id = good_id.unwrap();
+    let row = store.device(&good_id).await.unwrap().unwrap();
+    assert_eq!(row.registered_via, "PKI");
+    assert_eq!(
+        row.cert_thumbprint,
+        cmg_pki::thumbprint_sha256(good.cert_der())
+    );
+    assert_eq!(stored_messages(&site, &good_id).await, ["good-0", "good-1"]);
+
+    // The revoked device: refused by both instances on every endpoint, before anything is
+    // relayed (the MP's own codes carry no `CMGService_` prefix), so the site never hears of it.
+    let revoked_devices: Vec<_> = (0..2)
+        .map(|n| cmg.device_with(n, "pki-revoked", revoked.clone()))
+        .collect();
+    for (n, device) in revoked_devices.iter().enumerate() {
+        assert_revoked(
+            device.register(None).await,
+            &format!("registration via {n}"),
+        );
+        assert_revoked(device.location(None).await, &format!("location via {n}"));
+        assert_revoked(device.policy(None).await, &format!("policy via {n}"));
+        assert_revoked(
+            post_status(device, "revoked", None).await,
+            &format!("status via {n}"),
+        );
+    }
+    assert!(
+        store
+            .devices_by_hardware_id("pki-revoked")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        store
+            .device_by_certificate(&revoked_thumbprint)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // Each instance downloaded the CRL from the distribution point once, not per connection.
+    assert_eq!(downloads.load(std::sync::atomic::Ordering::SeqCst), 2);
+
+    // The CRL check off: within seconds both instances let the revoked device in.
+    let admin = site.admin().await;
+    admin
+        .modify_cmg("GraniteFalls", |d| d.crl_check = false)
+        .await
+        .unwrap();
+    let changed = Instant::now();
+    let mut revoked_login = None;
+    for (n, device) in revoked_devices.iter().enumerate() {
+        let registered = loop {
+            let (status, body) = device.register(None).await;
+            if status == StatusCode::OK {
+                break body;
+            }
+            assert_revoked((status, body), &format!("registration via {n}"));
+            assert!(
+                changed.elapsed() < Duration::from_secs(5),
+                "instance {n} still refuses the revoked device with the CRL check off"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let token = registered["client_token"].as_str().unwrap().to_owned();
+        assert_eq!(claims(&token)["RegisteredVia"], "PKI");
+        let (status, policy) = device.policy(None).await;
+        assert_eq!(status, StatusCode::OK, "instance {n}: {policy}");
+        let (status, ack) = post_status(device, &format!("while-off-{n}"), None).await;
+        assert_eq!(status, StatusCode::OK, "instance {n}: {ack}");
+        let client_id = registered["client_id"].as_str().unwrap().to_owned();
+        revoked_login = Some((client_id, token));
+    }
+    let (revoked_id, revoked_token) = revoked_login.unwrap();
+    assert_eq!(
+        stored_messages(&site, &revoked_id).await,
+        ["while-off-0", "while-off-1"]
+    );
+
+    // On again: both instances refuse it again within seconds, even with the client token it
+    // got meanwhile; the good device is still served.
+    admin
+        .modify_cmg("GraniteFalls", |d| d.crl_check = true)
+        .await
+        .unwrap();
+    let changed = Instant::now();
+    for (n, device) in revoked_devices.iter().enumerate() {
+        loop {
+            let (status, body) = device.policy(None).await;
+            if body["error"] == "CMGService_Certificate_Revoked" {
+                assert_eq!(status, StatusCode::FORBIDDEN);
+                break;
+            }
+            assert_eq!(status, StatusCode::OK, "instance {n}: {body}");
+            assert!(
+                changed.elapsed() < Duration::from_secs(5),
+                "instance {n} still relays the revoked device with the CRL check on"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_revoked(
+            device.policy(Some(&revoked_token)).await,
+            &format!("policy with its token via {n}"),
+        );
+        assert_revoked(
+            device.renew(Some(&revoked_token)).await,
+            &format!("renewal via {n}"),
+        );
+        assert_revoked(
+            post_status(device, &format!("after-on-{n}"), Some(&revoked_token)).await,
+            &format!("status via {n}"),
+        );
+        let (status, body) = cmg
+            .device_with(n, "pki-good", good.clone())
+            .policy(None)
+            .await;
+        assert_eq!(status, StatusCode::OK, "instance {n}: {body}");
+    }
+    assert_eq!(
+        stored_messages(&site, &revoked_id).await,
+        ["while-off-0", "while-off-1"]
+    );
+    cmg.shutdown().await;
+    site.shutdown().await;
+}
+
+/// The same CRL as an admin delivers it without a distribution point: a file named in
+/// `crl_files` of each instance's configuration.
+#[tokio::test]
+async fn a_pki_device_revoked_by_a_crl_file_on_each_instance_is_refused_by_both() {
+    let ca = customer_pki::ca("Contoso Offline CA");
+    let good = customer_pki::device(&ca, "pki-file-good", 5001, None);
+    let revoked = customer_pki::device(&ca, "pki-file-revoked", 5002, None);
+    let dir = tempfile::tempdir().unwrap();
+    let crl_file = dir.path().join("contoso-offline.crl");
+    std::fs::write(&crl_file, customer_pki::crl(&ca, &[5002]).0).unwrap();
+
+    let site = TestSite::start(cmg_store::testing::sqlite_store().await).await;
+    let cmg = site
+        .cmg_with_gateways(
+            2,
+            |d| {
+                d.trusted_cas = vec![ca.pem.clone()];
+                d.crl_check = true;
+            },
+            |g| g.crl_files = vec![crl_file.clone()],
+        )
+        .await;
+    for n in 0..2 {
+        let device = cmg.device_with(n, "pki-file-good", good.clone());
+        let (_, token) = device.register_ok(None).await;
+        assert_eq!(claims(&token)["RegisteredVia"], "PKI", "instance {n}");
+        let (status, body) = device.policy(None).await;
+        assert_eq!(status, StatusCode::OK, "instance {n}: {body}");
+        let device = cmg.device_with(n, "pki-file-revoked", revoked.clone());
+        assert_revoked(
+            device.register(None).await,
+            &format!("registration via {n}"),
+        );
+        assert_revoked(device.policy(None).await, &format!("policy via {n}"));
+    }
+    let store = site.site().store();
+    assert!(
+        store
+            .devices_by_hardware_id("pki-file-revoked")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    cmg.shutdown().await;
+    site.shutdown().await;
+}

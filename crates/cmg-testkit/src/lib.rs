@@ -339,6 +339,17 @@ impl TestSite {
         instances: u8,
         adjust: impl FnOnce(&mut cmg_site::cmg::CmgDefinition),
     ) -> TestCmg {
+        self.cmg_with_gateways(instances, adjust, |_| {}).await
+    }
+
+    /// As [`TestSite::cmg_with`], also letting the test adjust each instance's configuration
+    /// file before that instance starts (e.g. `crl_files`), as an admin edits `instance-N.toml`.
+    pub async fn cmg_with_gateways(
+        &self,
+        instances: u8,
+        adjust: impl FnOnce(&mut cmg_site::cmg::CmgDefinition),
+        adjust_gateway: impl Fn(&mut cmg_gateway::GatewayConfig),
+    ) -> TestCmg {
         let dir = tempfile::tempdir().expect("temp dir");
         let fqdn = "granitefalls.cmg.test".to_owned();
         let ca = cmg_pki::SiteAuthority::generate("DEV").expect("dev CA");
@@ -383,7 +394,7 @@ impl TestSite {
         );
         let mut gateways = Vec::new();
         for instance in 1..=instances {
-            let config = cmg_gateway::GatewayConfig {
+            let mut config = cmg_gateway::GatewayConfig {
                 name: def.name.clone(),
                 fqdn: fqdn.clone(),
                 instance,
@@ -398,6 +409,7 @@ impl TestSite {
                 crl_files: Vec::new(),
                 crl_refresh_secs: 3600,
             };
+            adjust_gateway(&mut config);
             gateways.push(cmg_gateway::Gateway::start(config).await.expect("gateway"));
         }
         let targets = gateways
