@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::agent::{AgentError, DEFAULT_POLICY, load_installed};
 use crate::queue;
-use crate::state::format_time;
+use crate::state::{ConnectionType, format_time};
 
 /// One management point the client may use.
 #[derive(Debug, Clone, Serialize)]
@@ -32,6 +32,9 @@ pub struct ClientStatus {
     /// `Currently Intranet`, `Currently Internet`, `Always Internet`, or `Unknown` before the
     /// first cycle.
     pub connection_type: String,
+    /// Where the client is now: `Currently Intranet` or `Currently Internet` (an always-internet
+    /// client is on the internet whatever happens), or `Unknown` before the first cycle.
+    pub network: String,
     pub current_management_point: Option<String>,
     /// Whether policy lets this client use a cloud management gateway (the site's `enable_cmg`).
     /// When false, only intranet management points are used.
@@ -65,6 +68,14 @@ pub fn status(state_dir: &Path) -> Result<ClientStatus, AgentError> {
         None if state.always_internet => "Always Internet".to_owned(),
         None => "Unknown".to_owned(),
     };
+    let network = match state.connection {
+        Some(ConnectionType::CurrentlyIntranet) => ConnectionType::CurrentlyIntranet.as_str(),
+        Some(ConnectionType::CurrentlyInternet | ConnectionType::AlwaysInternet) => {
+            ConnectionType::CurrentlyInternet.as_str()
+        }
+        None => "Unknown",
+    }
+    .to_owned();
     let action = if state.reregistration_needed {
         Some("the client token expired: connect the device to the internal network so that the client registers again with a management point there".to_owned())
     } else if state.approval == 0 {
@@ -88,6 +99,7 @@ pub fn status(state_dir: &Path) -> Result<ClientStatus, AgentError> {
         .to_owned(),
         registered_via: state.registered_via,
         connection_type,
+        network,
         current_management_point: state.current_mp,
         cmg_enabled: policy.enable_cmg,
         management_points: state
@@ -128,6 +140,7 @@ impl fmt::Display for ClientStatus {
         writeln!(f, "Approval:           {}", self.approval)?;
         writeln!(f, "Registered via:     {}", self.registered_via)?;
         writeln!(f, "Connection type:    {}", self.connection_type)?;
+        writeln!(f, "Network:            {}", self.network)?;
         if let Some(mp) = &self.current_management_point {
             writeln!(f, "Management point:   {mp}")?;
         }

@@ -39,6 +39,7 @@ fn the_printed_install_command_registers_a_device_through_the_gateway() {
     let status = cmg(dir.path(), &["client", "status", "--json"]);
     let status: Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(status["connection_type"], "Always Internet");
+    assert_eq!(status["network"], "Currently Internet");
     assert!(status["token_expires"].as_i64().unwrap() > 0);
     assert_eq!(contains(&state, &token), None, "the bulk token was kept");
     assert_eq!(contains(&state, token.rsplit('.').next().unwrap()), None);
