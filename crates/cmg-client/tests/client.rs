@@ -242,6 +242,7 @@ async fn refused_bulk_tokens_leave_nothing_installed_and_say_why() {
     let (expired, _) = site
         .site()
         .issuer()
+        .expect("the site holds its token signing key")
         .mint_bulk(&uuid_like(1), now - 10 * 86400, 60)
         .unwrap();
     // Tampered: one character of the payload changed.
@@ -539,6 +540,7 @@ async fn an_expired_token_is_replaced_by_registering_again_on_the_intranet() {
     let (expired, _) = site
         .site()
         .issuer()
+        .expect("the site holds its token signing key")
         .mint_client(&cmg_token::ClientTokenRequest {
             client_id: &report.client_id,
             cert_thumbprint: &thumbprint,

@@ -9,6 +9,12 @@
 //! verified. Each tunnel is watched with HTTP/2 pings; a lost tunnel is dialled again with
 //! backoff and jitter.
 //!
+//! It holds none of the site's private keys: it opens the site with
+//! [`Site::open_for_connection_point`] (on the site server, or on another host from the directory
+//! `cmg admin connector add` writes) and presents a connection point certificate the site trusts.
+//! When the site stops trusting that certificate (`cmg admin connector remove`), it closes its
+//! tunnels and stops dialling.
+//!
 //! It must not authenticate devices (the gateway does, and the MP again) nor store anything.
 
 mod relay;
@@ -138,6 +144,10 @@ pub enum ConnectorError {
         path: String,
         source: std::io::Error,
     },
+    #[error(
+        "the site does not trust this connection point's certificate {thumbprint}: it was removed (`cmg admin connector remove`) or belongs to another site; on the site server, add a connection point with `cmg admin connector add` and use the directory it writes"
+    )]
+    NotTrusted { thumbprint: String },
 }
 
 /// A running connection point. Stop it with [`Connector::shutdown`].
@@ -145,6 +155,8 @@ pub struct Connector {
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     live: Arc<AtomicUsize>,
+    /// Turns true when the site stopped trusting this connection point's certificate.
+    removed: watch::Receiver<bool>,
 }
 
 impl Connector {
@@ -162,9 +174,17 @@ impl Connector {
             })
         };
         let (cert_pem, key_pem) = (read(&crt)?, read(&key)?);
+        let thumbprint = cmg_pki::thumbprint_sha256(&cmg_pki::pem_to_der(
+            &cert_pem,
+            "the connection point certificate",
+        )?);
+        if !state.borrow().connection_points.contains(&thumbprint) {
+            return Err(ConnectorError::NotTrusted { thumbprint });
+        }
         let site_root = read(&data.pki_dir().join("site-root.crt"))?;
         let roots: Vec<&str> = options.gateway_roots.iter().map(String::as_str).collect();
         let tls = cmg_pki::tls::client_config(&cert_pem, &key_pem, &roots, &[b"h2"])?;
+        let (stop_sender, stopped) = watch::channel(false);
         let log =
             ComponentLog::open(&data.logs_dir(), "SMS_Cloud_ProxyConnector").map_err(|source| {
                 ConnectorError::Log {
@@ -183,6 +203,14 @@ impl Connector {
             .http1_only()
             .build()
             .map_err(|e| ConnectorError::Client(e.to_string()))?;
+        let (removed_tx, removed) = watch::channel(false);
+        let trust = tokio::spawn(watch_trust(
+            state.clone(),
+            thumbprint,
+            stop_sender.clone(),
+            removed_tx,
+            log.clone(),
+        ));
         let relay = Arc::new(relay::Relay::new(
             site,
             state,
@@ -192,7 +220,6 @@ impl Connector {
             log.clone(),
             options.verbose,
         ));
-        let (stop, stopped) = watch::channel(false);
         let live = Arc::new(AtomicUsize::new(0));
         let per_instance = options
             .tunnels_per_instance
@@ -220,7 +247,22 @@ impl Connector {
             options.report_interval,
             stopped.clone(),
         )));
-        Ok(Connector { stop, tasks, live })
+        tasks.push(trust);
+        Ok(Connector {
+            stop: stop_sender,
+            tasks,
+            live,
+            removed,
+        })
+    }
+
+    /// Resolves when the site stopped trusting this connection point's certificate (it was
+    /// removed); its tunnels are closed by then. Never resolves otherwise.
+    pub async fn removed(&self) {
+        let mut removed = self.removed.clone();
+        if removed.wait_for(|r| *r).await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 
     /// How many tunnels are up now.
@@ -234,6 +276,32 @@ impl Connector {
         for task in self.tasks {
             let _ = task.await;
         }
+    }
+}
+
+/// Waits until the site's state no longer lists `thumbprint` among its connection points, then
+/// closes every tunnel (the gateways send their requests to the other connection points) and
+/// says so. Returns early when the connector stops.
+async fn watch_trust(
+    mut state: StateWatch,
+    thumbprint: String,
+    stop: watch::Sender<bool>,
+    removed: watch::Sender<bool>,
+    log: ComponentLog,
+) {
+    let mut stopped = stop.subscribe();
+    let untrusted = state.wait_for(|s| !s.connection_points.contains(&thumbprint));
+    tokio::select! {
+        result = untrusted => {
+            if result.is_ok() {
+                log.error(&format!(
+                    "The site no longer trusts this connection point's certificate {thumbprint} (removed with `cmg admin connector remove`); closing every tunnel"
+                ));
+                let _ = removed.send(true);
+                let _ = stop.send(true);
+            }
+        }
+        _ = stopped.wait_for(|s| *s) => {}
     }
 }
 

@@ -238,6 +238,7 @@ async fn renewal_gives_a_fresh_token_and_refuses_the_wrong_certificate_a_blocked
         let (expired, _) = site
             .site()
             .issuer()
+            .expect("the site holds its token signing key")
             .mint_client(&ClientTokenRequest {
                 client_id: &client_id,
                 cert_thumbprint: &device.thumbprint(),

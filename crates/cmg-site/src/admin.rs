@@ -180,6 +180,11 @@ impl AdminService {
         &self.site
     }
 
+    /// The admin this service acts for, as the audit log records them.
+    pub(crate) fn actor(&self) -> &str {
+        &self.actor
+    }
+
     /// Mints a bulk registration token valid from now for `lifetime`; records only its GUID,
     /// validity and creator (never the token) before handing it out.
     pub async fn new_bulk_token(
@@ -188,7 +193,7 @@ impl AdminService {
     ) -> Result<NewBulkToken, SiteError> {
         let id = Uuid::new_v4();
         let now = unix_now();
-        let (token, claims) = self.site.issuer().mint_bulk(
+        let (token, claims) = self.site.issuer()?.mint_bulk(
             &id.to_string(),
             now,
             i64::from(lifetime.minutes()) * 60,
@@ -571,33 +576,11 @@ impl AdminService {
     }
 
     pub async fn cmg(&self, name: &str) -> Result<CmgDefinition, SiteError> {
-        let record = self
-            .site
-            .store()
-            .cmgs()
-            .await?
-            .into_iter()
-            .find(|c| c.name.eq_ignore_ascii_case(name))
-            .ok_or_else(|| {
-                SiteError::Store(cmg_store::StoreError::NotFound {
-                    what: "CMG",
-                    id: name.chars().take(63).collect(),
-                })
-            })?;
-        serde_json::from_str(&record.definition).map_err(|e| {
-            SiteError::Inconsistent(format!(
-                "the definition of CMG {} cannot be read: {e}",
-                record.name
-            ))
-        })
+        self.site.cmg(name).await
     }
 
     pub async fn cmgs(&self) -> Result<Vec<CmgDefinition>, SiteError> {
-        let mut out = Vec::new();
-        for record in self.site.store().cmgs().await? {
-            out.push(self.cmg(&record.name).await?);
-        }
-        Ok(out)
+        self.site.cmgs().await
     }
 
     /// Requests and bytes per endpoint over the last 14 days, and the outbound data alert level.

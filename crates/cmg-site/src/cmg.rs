@@ -42,6 +42,16 @@ pub struct CmgDefinition {
 }
 
 impl CmgDefinition {
+    /// The definition a row of the `cmgs` table holds.
+    pub fn from_record(record: &cmg_store::CmgRecord) -> Result<CmgDefinition, SiteError> {
+        serde_json::from_str(&record.definition).map_err(|e| {
+            SiteError::Inconsistent(format!(
+                "the definition of CMG {} cannot be read: {e}",
+                record.name
+            ))
+        })
+    }
+
     /// Checks the definition; returns warnings an admin should read (not errors).
     pub fn validate(&self) -> Result<Vec<String>, SiteError> {
         let bad = |field: &str, reason: String| SiteError::BadSetting {

@@ -41,6 +41,34 @@ pub enum SiteError {
         "{0} is the certificate that signs new tokens; rotate to a new one first (`cmg site token-key rotate`)"
     )]
     RetireActiveSigner(String),
+    #[error(
+        "{what} is not available here: this site was opened for a connection point, which holds none of the site's private keys; do this on the site server"
+    )]
+    NoSiteKeys { what: &'static str },
+    #[error(
+        "{0} is a connection point's directory (written by `cmg admin connector add`) and holds none of the site's keys: use it only with `cmg connector run --data {0}`; run site and admin commands on the site server, against the site's data directory"
+    )]
+    ConnectionPointDirectory(PathBuf),
+    #[error(
+        "'{0}' is not a valid connection point name: use 1 to 63 letters, digits, '-', '_' or '.', starting with a letter or digit (e.g. the host's name, CP2 or cp2.contoso.com)"
+    )]
+    BadConnectionPointName(String),
+    #[error(
+        "a connection point named {0} already exists; choose another name, or remove it first with `cmg admin connector remove {0}`"
+    )]
+    ConnectionPointExists(String),
+    #[error(
+        "no connection point named {0}; `cmg admin connector list` shows them (the site server's own connection point has no name and is not removed this way)"
+    )]
+    UnknownConnectionPoint(String),
+    #[error(
+        "the site's database is SQLite ({0}), a file on this machine that another host cannot share: a connection point on another host needs the site database on PostgreSQL (`cmg site init --db postgres://…`). If the connection point runs on this machine, give --same-host"
+    )]
+    SqliteNotShared(String),
+    #[error(
+        "{0} already exists and is not empty; give a new or empty directory for the connection point's files"
+    )]
+    OutNotEmpty(PathBuf),
     #[error(transparent)]
     Pki(#[from] cmg_pki::PkiError),
     #[error(transparent)]

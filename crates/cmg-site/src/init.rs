@@ -81,6 +81,7 @@ pub async fn init_site(opts: InitOptions) -> Result<SiteConfig, SiteError> {
         site_code: code.clone(),
         hierarchy_id: Uuid::new_v4(),
         db: opts.db.clone().unwrap_or_else(|| data.default_db_url()),
+        connection_point: None,
     };
     let record = SiteRecord {
         site_code: code,
@@ -199,7 +200,7 @@ pub(crate) fn certificate_record(
 }
 
 /// Creates a directory readable only by its owner (the site's keys live below it).
-fn create_private_dir(path: &std::path::Path) -> Result<(), SiteError> {
+pub(crate) fn create_private_dir(path: &std::path::Path) -> Result<(), SiteError> {
     let mut builder = std::fs::DirBuilder::new();
     builder.recursive(true);
     #[cfg(unix)]

@@ -10,6 +10,10 @@
 //! logs/                           the site's log files
 //! ```
 //! Every `.key` file is mode 0600.
+//!
+//! `cmg admin connector add` writes a directory of the same shape for a connection point on
+//! another host, with none of the site's private keys: `site.toml` (naming the connection point),
+//! `pki/site-root.crt`, `pki/connection-point.{crt,key}` (its own certificate) and `logs/`.
 
 use std::path::{Path, PathBuf};
 
@@ -74,6 +78,11 @@ pub struct SiteConfig {
     pub hierarchy_id: Uuid,
     /// `sqlite://…` or `postgres://…`.
     pub db: String,
+    /// Set only in the directory `cmg admin connector add` writes for a connection point on
+    /// another host: its name. Such a directory holds no key of the site, so only
+    /// [`crate::Site::open_for_connection_point`] opens it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_point: Option<String>,
 }
 
 impl SiteConfig {

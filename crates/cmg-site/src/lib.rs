@@ -1,6 +1,6 @@
 //! The site server: creating a site (`cmg site init`, DESIGN §3.1), opening it with its keys
 //! parsed once, and the admin service (DESIGN §1) through which every admin operation runs —
-//! bulk registration tokens (§8) and the site's certificates for now.
+//! bulk registration tokens (§8), the site's certificates and its connection points for now.
 //!
 //! Front ends (the CLI today; the REST API and console later) only parse input and print what
 //! the admin service returns: they hold no rules of their own. This crate must not print, parse
@@ -9,6 +9,7 @@
 
 mod admin;
 pub mod cmg;
+mod connection_point;
 mod error;
 mod init;
 mod layout;
@@ -21,6 +22,7 @@ mod state;
 pub use admin::{
     AdminService, BulkTokenLifetime, InventoryItem, InventoryKind, ItemStatus, NewBulkToken,
 };
+pub use connection_point::{ConnectionPointInfo, ConnectionPointName, NewConnectionPoint};
 pub use error::SiteError;
 pub use init::{InitOptions, SiteCode, init_site};
 pub use layout::{DataDir, SiteConfig};
@@ -30,7 +32,9 @@ pub use site::{Site, SiteLogs};
 pub use state::{SiteState, StateWatch, watch_state};
 
 pub use cmg_pki::KeyAlgorithm;
-pub use cmg_store::{AuditEntry, BulkTokenRecord, DeviceConflict, DeviceRecord, MpRecord};
+pub use cmg_store::{
+    AuditEntry, BulkTokenRecord, ConnectionPointRecord, DeviceConflict, DeviceRecord, MpRecord,
+};
 
 /// Seconds since the Unix epoch, the unit of every timestamp the site stores.
 pub fn unix_now() -> i64 {

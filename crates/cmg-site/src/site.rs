@@ -1,10 +1,12 @@
-//! An initialised site, opened: its configuration, database and token keys, each parsed once.
+//! An initialised site, opened: its configuration, database and token keys, each parsed once —
+//! or, for a connection point, its configuration and database without any key of the site.
 
 use cmg_log::ComponentLog;
 use cmg_pki::SiteAuthority;
 use cmg_store::{CertPurpose, CertStatus, CertificateRecord, SiteRecord, Store};
 use cmg_token::{SigningKey, TokenIssuer, TokenVerifier, VerificationKey};
 
+use crate::cmg::CmgDefinition;
 use crate::layout::SITE_ROOT;
 use crate::{DataDir, SiteConfig, SiteError, unix_now};
 
@@ -48,14 +50,33 @@ pub struct Site {
     data: DataDir,
     record: SiteRecord,
     store: Store,
-    issuer: TokenIssuer,
+    /// `None` when opened for a connection point: no key of the site was read.
+    issuer: Option<TokenIssuer>,
     logs: SiteLogs,
 }
 
 impl Site {
-    /// Opens the site in `data`, on the database its `site.toml` names.
+    /// Opens the site in `data`, on the database its `site.toml` names, with the token signing
+    /// key: for the site server, its management point and the admin tools.
     pub async fn open(data: DataDir) -> Result<Site, SiteError> {
         let config = SiteConfig::load(&data)?;
+        if config.connection_point.is_some() {
+            return Err(SiteError::ConnectionPointDirectory(data.root().to_owned()));
+        }
+        Self::open_with(data, config, true).await
+    }
+
+    /// Opens the site for a connection point: the database (settings, blocked lists, management
+    /// points, CMGs and the public verification keys) and the logs, reading no private key of
+    /// the site. Works on the site's own data directory and on a directory written by
+    /// `cmg admin connector add` for another host. Whatever would mint a token or issue a
+    /// certificate then fails with [`SiteError::NoSiteKeys`].
+    pub async fn open_for_connection_point(data: DataDir) -> Result<Site, SiteError> {
+        let config = SiteConfig::load(&data)?;
+        Self::open_with(data, config, false).await
+    }
+
+    async fn open_with(data: DataDir, config: SiteConfig, keys: bool) -> Result<Site, SiteError> {
         let store = Store::open(&config.db).await?;
         let record = store.site().await?.ok_or_else(|| {
             SiteError::Inconsistent(format!(
@@ -71,8 +92,12 @@ impl Site {
                 record.hierarchy_id
             )));
         }
-        let certificates = store.certificates().await?;
-        let issuer = load_issuer(&data, &record, &certificates)?;
+        let issuer = if keys {
+            let certificates = store.certificates().await?;
+            Some(load_issuer(&data, &record, &certificates)?)
+        } else {
+            None
+        };
         let logs = SiteLogs::open(&data.logs_dir())?;
         Ok(Site {
             data,
@@ -96,9 +121,18 @@ impl Site {
         &self.logs
     }
 
-    /// Mints with the current signing key.
-    pub fn issuer(&self) -> &TokenIssuer {
-        &self.issuer
+    /// Mints with the current signing key; [`SiteError::NoSiteKeys`] when the site was opened
+    /// for a connection point.
+    pub fn issuer(&self) -> Result<&TokenIssuer, SiteError> {
+        self.issuer.as_ref().ok_or(SiteError::NoSiteKeys {
+            what: "the token signing key",
+        })
+    }
+
+    /// Whether the site was opened with its keys ([`Site::open`]) rather than for a connection
+    /// point.
+    pub fn has_keys(&self) -> bool {
+        self.issuer.is_some()
     }
 
     /// A verifier over every token signing key still published at `now` (DESIGN §3.1 rotation).
@@ -114,11 +148,43 @@ impl Site {
     }
 
     pub(crate) fn authority(&self) -> Result<SiteAuthority, SiteError> {
+        if !self.has_keys() {
+            return Err(SiteError::NoSiteKeys {
+                what: "the site root key",
+            });
+        }
         let (crt, key) = self.data.credential(SITE_ROOT);
         let read = |p: &std::path::Path| {
             std::fs::read_to_string(p).map_err(SiteError::io("read", p.to_owned()))
         };
         Ok(SiteAuthority::load(&read(&crt)?, &read(&key)?)?)
+    }
+
+    /// The definition of the CMG `name` (any case), as the site has it now.
+    pub async fn cmg(&self, name: &str) -> Result<CmgDefinition, SiteError> {
+        let record = self
+            .store
+            .cmgs()
+            .await?
+            .into_iter()
+            .find(|c| c.name.eq_ignore_ascii_case(name))
+            .ok_or_else(|| {
+                SiteError::Store(cmg_store::StoreError::NotFound {
+                    what: "CMG",
+                    id: name.chars().take(63).collect(),
+                })
+            })?;
+        CmgDefinition::from_record(&record)
+    }
+
+    /// Every CMG of the site.
+    pub async fn cmgs(&self) -> Result<Vec<CmgDefinition>, SiteError> {
+        self.store
+            .cmgs()
+            .await?
+            .iter()
+            .map(CmgDefinition::from_record)
+            .collect()
     }
 
     pub async fn close(&self) {

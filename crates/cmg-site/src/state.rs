@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cmg_store::{CertPurpose, CmgRecord, MpRecord};
+use cmg_store::{CertPurpose, CertStatus, CmgRecord, MpRecord};
 use cmg_token::{Revocations, TokenVerifier};
 use tokio::sync::watch;
 
@@ -29,8 +29,10 @@ pub struct SiteState {
     pub settings: SiteSettings,
     pub management_points: Vec<MpRecord>,
     pub cmgs: Vec<CmgRecord>,
-    /// SHA-256 thumbprints of connection point certificates: only connections presenting one of
-    /// these may pass on a device identity verified by a gateway (DESIGN §6).
+    /// SHA-256 thumbprints of the active, unexpired connection point certificates (the site
+    /// server's own and those of `cmg admin connector add`): only connections presenting one of
+    /// these may pass on a device identity verified by a gateway (DESIGN §6). A connection point
+    /// removed with `cmg admin connector remove` has its certificate retired, and drops out.
     pub connection_points: HashSet<String>,
 }
 
@@ -48,11 +50,16 @@ impl SiteState {
             .map(|id| id.to_string())
             .collect();
         let devices = store.blocked_devices().await?.into_iter().collect();
+        let now = unix_now();
         let connection_points = store
             .certificates()
             .await?
             .into_iter()
-            .filter(|c| c.purpose == CertPurpose::ConnectionPoint)
+            .filter(|c| {
+                c.purpose == CertPurpose::ConnectionPoint
+                    && c.status == CertStatus::Active
+                    && c.not_after > now
+            })
             .map(|c| c.thumbprint_sha256)
             .collect();
         Ok(SiteState {
@@ -62,7 +69,7 @@ impl SiteState {
                 devices,
                 ..Revocations::default()
             },
-            verifier: site.verifier(unix_now()).await?,
+            verifier: site.verifier(now).await?,
             settings: SiteSettings::from_pairs(store.settings().await?)?,
             management_points: store.management_points().await?,
             cmgs: store.cmgs().await?,

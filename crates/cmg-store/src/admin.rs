@@ -10,8 +10,8 @@ use uuid::Uuid;
 use crate::error::is_unique_violation;
 use crate::records::{get, get_uuid};
 use crate::{
-    AuditEntry, BulkTokenRecord, CertStatus, CertificateRecord, Result, SiteRecord, Store,
-    StoreError, now,
+    AuditEntry, BulkTokenRecord, CertStatus, CertificateRecord, ConnectionPointRecord, Result,
+    SiteRecord, Store, StoreError, now,
 };
 
 /// Writes the audit entry of a change and bumps the change version, inside the change's
@@ -209,6 +209,121 @@ impl Store {
             status.as_str(),
         )
         .await
+    }
+
+    /// Records a connection point for another host together with its certificate, in one
+    /// transaction: from the next change poll on, management points believe device identities
+    /// relayed by that certificate. [`StoreError::AlreadyExists`] when a connection point of that
+    /// name exists, whatever its case.
+    pub async fn add_connection_point(
+        &self,
+        name: &str,
+        cert: &CertificateRecord,
+        actor: &str,
+    ) -> Result<ConnectionPointRecord> {
+        let failed = || StoreError::while_("adding a connection point");
+        let record = ConnectionPointRecord {
+            name: name.to_owned(),
+            thumbprint_sha256: cert.thumbprint_sha256.clone(),
+            created_at: now(),
+            created_by: actor.to_owned(),
+        };
+        let mut tx = self.db().begin_write().await.map_err(failed())?;
+        insert_certificate(&mut tx, cert).await?;
+        sqlx::query(
+            "INSERT INTO connection_points \
+             (name_key, name, thumbprint_sha256, created_at, created_by) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(name.to_lowercase())
+        .bind(&record.name)
+        .bind(&record.thumbprint_sha256)
+        .bind(record.created_at)
+        .bind(&record.created_by)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                StoreError::AlreadyExists {
+                    what: "connection point",
+                    id: name.to_owned(),
+                }
+            } else {
+                StoreError::database("adding a connection point", Arc::new(e))
+            }
+        })?;
+        let detail = format!("certificate {} {}", cert.thumbprint_sha256, cert.subject);
+        audited(&mut tx, actor, "connection_point.add", name, &detail).await?;
+        tx.commit().await.map_err(failed())?;
+        Ok(record)
+    }
+
+    /// Connection points added for other hosts, oldest first.
+    pub async fn connection_points(&self) -> Result<Vec<ConnectionPointRecord>> {
+        sqlx::query(
+            "SELECT name, thumbprint_sha256, created_at, created_by FROM connection_points \
+             ORDER BY created_at, name_key",
+        )
+        .fetch_all(&self.db().pool)
+        .await
+        .map_err(StoreError::while_("reading the connection points"))?
+        .iter()
+        .map(ConnectionPointRecord::from_row)
+        .collect()
+    }
+
+    /// Removes the connection point `name` (any case) and retires its certificate, in one
+    /// transaction: management points stop believing what it relays at their next change poll.
+    pub async fn remove_connection_point(
+        &self,
+        name: &str,
+        actor: &str,
+    ) -> Result<ConnectionPointRecord> {
+        let failed = || StoreError::while_("removing a connection point");
+        let not_found = || StoreError::NotFound {
+            what: "connection point",
+            id: name.to_owned(),
+        };
+        let key = name.to_lowercase();
+        let mut tx = self.db().begin_write().await.map_err(failed())?;
+        let record = sqlx::query(
+            "SELECT name, thumbprint_sha256, created_at, created_by FROM connection_points \
+             WHERE name_key = $1",
+        )
+        .bind(&key)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(failed())?
+        .map(|row| ConnectionPointRecord::from_row(&row))
+        .transpose()?
+        .ok_or_else(not_found)?;
+        let deleted = sqlx::query("DELETE FROM connection_points WHERE name_key = $1")
+            .bind(&key)
+            .execute(&mut *tx)
+            .await
+            .map_err(failed())?
+            .rows_affected();
+        if deleted == 0 {
+            // Removed by another process since the SELECT (PostgreSQL, read committed).
+            return Err(not_found());
+        }
+        sqlx::query("UPDATE certificates SET status = $1 WHERE thumbprint_sha256 = $2")
+            .bind(CertStatus::Retired.as_str())
+            .bind(&record.thumbprint_sha256)
+            .execute(&mut *tx)
+            .await
+            .map_err(failed())?;
+        let detail = format!("certificate {} retired", record.thumbprint_sha256);
+        audited(
+            &mut tx,
+            actor,
+            "connection_point.remove",
+            &record.name,
+            &detail,
+        )
+        .await?;
+        tx.commit().await.map_err(failed())?;
+        Ok(record)
     }
 
     /// Runs `sql` (`$1` = `value`, `$2` = the thumbprint) with its audit entry.

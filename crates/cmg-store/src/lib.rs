@@ -41,7 +41,8 @@ use sqlx::{Any, AnyConnection, AnyPool, Connection, Transaction};
 pub use error::{Result, StoreError};
 pub use records::{
     AuditEntry, BulkTokenRecord, CertPurpose, CertStatus, CertificateRecord, CmgRecord,
-    DeviceConflict, DeviceRecord, MpRecord, SiteRecord, StatusMessageRecord, StatusRow,
+    ConnectionPointRecord, DeviceConflict, DeviceRecord, MpRecord, SiteRecord, StatusMessageRecord,
+    StatusRow,
 };
 pub use traffic::{EndpointTraffic, TrafficRow};
 

@@ -8,7 +8,7 @@ use sqlx::{AssertSqlSafe, Row};
 
 use crate::{Backend, Db, Result, StoreError, now};
 
-const MIGRATIONS: &[(i64, &str)] = &[(1, V1)];
+const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2)];
 
 /// Schema version 1: everything the site needs from its first release.
 const V1: &str = r#"
@@ -137,6 +137,20 @@ CREATE TABLE change_version (
     version BIGINT NOT NULL
 );
 INSERT INTO change_version (id, version) VALUES (1, 0);
+"#;
+
+/// Schema version 2: connection points on other hosts (`cmg admin connector add`), each with a
+/// certificate of its own in `certificates` (purpose `ConnectionPoint`). `name_key` is the name in
+/// lower case, so that names are unique whatever their case. Removing one retires its
+/// certificate and deletes the row.
+const V2: &str = r#"
+CREATE TABLE connection_points (
+    name_key TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    thumbprint_sha256 TEXT NOT NULL UNIQUE REFERENCES certificates (thumbprint_sha256),
+    created_at BIGINT NOT NULL,
+    created_by TEXT NOT NULL
+);
 "#;
 
 fn render(template: &str, backend: Backend) -> String {

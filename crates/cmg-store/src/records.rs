@@ -84,6 +84,19 @@ pub struct CertificateRecord {
     pub retire_after: Option<i64>,
 }
 
+/// A connection point added for another host (table `connection_points`); its certificate is
+/// the row of `certificates` with this thumbprint. The site server's own connection point
+/// (made by `cmg site init`) has a certificate but no such row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionPointRecord {
+    /// As the admin gave it; unique whatever its case.
+    pub name: String,
+    /// SHA-256 thumbprint (base64url) of its certificate.
+    pub thumbprint_sha256: String,
+    pub created_at: i64,
+    pub created_by: String,
+}
+
 /// A bulk registration token's tracking record (table `bulk_tokens`). The token itself is never
 /// stored (DESIGN §3.2).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -265,6 +278,17 @@ impl CertificateRecord {
             cert_der: get(row, "cert_der")?,
             created_at: get(row, "created_at")?,
             retire_after: get(row, "retire_after")?,
+        })
+    }
+}
+
+impl ConnectionPointRecord {
+    pub(crate) fn from_row(row: &AnyRow) -> Result<Self> {
+        Ok(ConnectionPointRecord {
+            name: get(row, "name")?,
+            thumbprint_sha256: get(row, "thumbprint_sha256")?,
+            created_at: get(row, "created_at")?,
+            created_by: get(row, "created_by")?,
         })
     }
 }

@@ -5,8 +5,8 @@
 
 use cmg_store::testing::test_stores;
 use cmg_store::{
-    CmgRecord, DeviceConflict, DeviceRecord, MpRecord, StatusMessageRecord, StatusRow, Store,
-    StoreError,
+    CertPurpose, CertStatus, CertificateRecord, CmgRecord, DeviceConflict, DeviceRecord, MpRecord,
+    StatusMessageRecord, StatusRow, Store, StoreError,
 };
 use tokio::task::JoinSet;
 use uuid::Uuid;
@@ -744,6 +744,124 @@ async fn management_points_are_added_and_changed_with_audit() {
                 ("bob", "mp.set", &role),
                 ("alice", "mp.add", &first.role_id.to_string()),
                 ("alice", "mp.add", &role),
+            ]),
+            "{}",
+            t.label
+        );
+    }
+}
+
+fn connection_point_cert(n: u8) -> CertificateRecord {
+    CertificateRecord {
+        thumbprint_sha256: format!("cp-sha256-{n}"),
+        thumbprint_sha1: format!("cp-sha1-{n}"),
+        purpose: CertPurpose::ConnectionPoint,
+        subject: "CN=ABC SMS Connection Point".to_owned(),
+        not_before: 1_700_000_000,
+        not_after: 1_800_000_000,
+        status: CertStatus::Active,
+        key_alg: "ECDSA_P256".to_owned(),
+        cert_der: vec![n; 8],
+        created_at: 1_700_000_000 + i64::from(n),
+        retire_after: None,
+    }
+}
+
+#[tokio::test]
+async fn connection_points_are_added_with_their_certificate_and_removed_with_audit() {
+    for t in test_stores().await {
+        let s = &t.store;
+        let v0 = s.change_version().await.unwrap();
+        let added = s
+            .add_connection_point("CP-Dublin", &connection_point_cert(1), "alice")
+            .await
+            .unwrap();
+        assert_eq!(added.name, "CP-Dublin");
+        assert_eq!(added.thumbprint_sha256, "cp-sha256-1");
+        assert_eq!(added.created_by, "alice");
+        s.add_connection_point("cp-oslo", &connection_point_cert(2), "alice")
+            .await
+            .unwrap();
+        assert_eq!(
+            s.connection_points()
+                .await
+                .unwrap()
+                .iter()
+                .map(|c| c.name.as_str())
+                .collect::<Vec<_>>(),
+            ["CP-Dublin", "cp-oslo"],
+            "{}",
+            t.label
+        );
+        // The certificate is recorded as every other connection point certificate is.
+        let certs = s.certificates().await.unwrap();
+        assert!(
+            certs.iter().any(|c| c.thumbprint_sha256 == "cp-sha256-1"
+                && c.purpose == CertPurpose::ConnectionPoint
+                && c.status == CertStatus::Active),
+            "{}",
+            t.label
+        );
+
+        // A name taken in another case: refused, and its certificate is not recorded either.
+        let err = s
+            .add_connection_point("cp-DUBLIN", &connection_point_cert(3), "alice")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, StoreError::AlreadyExists { what: "connection point", id } if id == "cp-DUBLIN"),
+            "{}: {err}",
+            t.label
+        );
+        assert!(
+            !s.certificates()
+                .await
+                .unwrap()
+                .iter()
+                .any(|c| c.thumbprint_sha256 == "cp-sha256-3"),
+            "{}",
+            t.label
+        );
+        assert_eq!(s.change_version().await.unwrap(), v0 + 2, "{}", t.label);
+
+        let removed = s.remove_connection_point("cp-dublin", "bob").await.unwrap();
+        assert_eq!(removed, added, "{}", t.label);
+        assert_eq!(s.connection_points().await.unwrap().len(), 1, "{}", t.label);
+        let cert = s
+            .certificates()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|c| c.thumbprint_sha256 == "cp-sha256-1")
+            .unwrap();
+        assert_eq!(cert.status, CertStatus::Retired, "{}", t.label);
+        let err = s
+            .remove_connection_point("CP-Dublin", "bob")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                StoreError::NotFound {
+                    what: "connection point",
+                    ..
+                }
+            ),
+            "{}: {err}",
+            t.label
+        );
+        // The name is free again, for a new certificate.
+        s.add_connection_point("CP-Dublin", &connection_point_cert(4), "carol")
+            .await
+            .unwrap();
+        assert_eq!(s.change_version().await.unwrap(), v0 + 4, "{}", t.label);
+        assert_eq!(
+            audits(s, 4).await,
+            entries(&[
+                ("carol", "connection_point.add", "CP-Dublin"),
+                ("bob", "connection_point.remove", "CP-Dublin"),
+                ("alice", "connection_point.add", "cp-oslo"),
+                ("alice", "connection_point.add", "CP-Dublin"),
             ]),
             "{}",
             t.label

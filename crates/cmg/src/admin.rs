@@ -1,9 +1,9 @@
-//! `cmg admin …`: devices, settings, management points and the audit log.
+//! `cmg admin …`: devices, settings, management points, connection points and the audit log.
 
 use cmg_site::{AdminService, DataDir, DeviceRecord, format_utc};
 use serde_json::json;
 
-use crate::cli::{AdminCommand, DeviceCommand, MpCommand, SettingsCommand};
+use crate::cli::{AdminCommand, ConnectorAdminCommand, DeviceCommand, MpCommand, SettingsCommand};
 use crate::rfc3339;
 use crate::site::with_admin;
 
@@ -13,6 +13,7 @@ pub async fn run(cmd: AdminCommand, data: DataDir) -> anyhow::Result<()> {
         AdminCommand::Settings(cmd) => settings(admin, cmd).await,
         AdminCommand::Mp(cmd) => mp(admin, cmd).await,
         AdminCommand::Cmg(cmd) => crate::cmg_admin::run(admin, cmd).await,
+        AdminCommand::Connector(cmd) => connector(admin, cmd).await,
         AdminCommand::Audit { limit, json } => audit(admin, limit, json).await,
     })
     .await
@@ -165,6 +166,79 @@ async fn mp(admin: &AdminService, cmd: MpCommand) -> anyhow::Result<()> {
                 &admin
                     .set_management_point(role_id, url.as_deref(), allow_cmg)
                     .await?,
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn connector(admin: &AdminService, cmd: ConnectorAdminCommand) -> anyhow::Result<()> {
+    match cmd {
+        ConnectorAdminCommand::Add {
+            name,
+            out,
+            same_host,
+        } => {
+            let added = admin.add_connection_point(&name, &out, same_host).await?;
+            let dir = added.dir.display();
+            println!(
+                "Connection point {} added: certificate {}, valid until {}.",
+                added.record.name,
+                added.record.thumbprint_sha256,
+                format_utc(added.certificate.not_after)
+            );
+            println!("Wrote {dir} (no private key of the site is in it):");
+            for file in &added.files {
+                let shown = file.strip_prefix(&added.dir).unwrap_or(file);
+                println!("  {}", shown.display());
+            }
+            println!("  logs/");
+            println!(
+                "Copy {dir} to the connection point's host, keeping its modes (the key is 0600), and run there:"
+            );
+            println!("  cmg connector run --data {dir}");
+            println!(
+                "That host must reach the site database, the gateways' tunnel ports (10140 + instance − 1) and the management points; nothing needs to reach it."
+            );
+        }
+        ConnectorAdminCommand::List { json } => {
+            let points = admin.connection_points(cmg_site::unix_now()).await?;
+            let name = |c: &cmg_site::ConnectionPointInfo| {
+                c.name.clone().unwrap_or_else(|| "(site server)".into())
+            };
+            if json {
+                let rows: Vec<_> = points
+                    .iter()
+                    .map(|c| {
+                        json!({
+                            "name": c.name, "thumbprint_sha256": c.thumbprint_sha256,
+                            "valid_until": rfc3339(c.valid_until), "status": c.status.as_str(),
+                            "created_at": rfc3339(c.created_at), "created_by": c.created_by,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!(
+                    "{:<24} {:<44} {:<23} STATUS",
+                    "NAME", "THUMBPRINT (SHA-256)", "VALID UNTIL"
+                );
+                for c in &points {
+                    println!(
+                        "{:<24} {:<44} {:<23} {}",
+                        name(c),
+                        c.thumbprint_sha256,
+                        format_utc(c.valid_until),
+                        c.status.as_str()
+                    );
+                }
+            }
+        }
+        ConnectorAdminCommand::Remove { name } => {
+            let removed = admin.remove_connection_point(&name).await?;
+            println!(
+                "Connection point {} removed: its certificate {} is retired. Management points stop believing what it relays within seconds, and it closes its tunnels.",
+                removed.name, removed.thumbprint_sha256
             );
         }
     }

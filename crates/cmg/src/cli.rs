@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::builder::TypedValueParser as _;
 use clap::{Args, Parser, Subcommand};
-use cmg_site::{BulkTokenLifetime, InventoryKind, KeyAlgorithm, SiteCode};
+use cmg_site::{BulkTokenLifetime, ConnectionPointName, InventoryKind, KeyAlgorithm, SiteCode};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -123,7 +123,9 @@ pub struct UpArgs {
 #[derive(Debug, Subcommand)]
 pub enum ConnectorCommand {
     /// Dial out to every instance of a CMG and relay its device traffic to the management
-    /// points, until Ctrl-C.
+    /// points, until Ctrl-C. Reads no private key of the site: --data is the site's data
+    /// directory on the site server, or on another host the directory written by
+    /// `cmg admin connector add`. Stops with an error if the connection point is removed.
     Run {
         /// The CMG to serve; default: the site's only CMG.
         #[arg(long)]
@@ -244,6 +246,9 @@ pub enum AdminCommand {
     /// Cloud management gateways: create, modify, show, list, delete.
     #[command(subcommand)]
     Cmg(CmgCommand),
+    /// Connection points on other site-side hosts: add, list, remove.
+    #[command(subcommand)]
+    Connector(ConnectorAdminCommand),
     /// Show who changed what on the site, newest first.
     Audit {
         /// How many entries.
@@ -322,6 +327,41 @@ pub enum MpCommand {
         url: Option<String>,
         #[arg(long, value_parser = parse_yes_no)]
         allow_cmg: Option<bool>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConnectorAdminCommand {
+    /// Add a connection point for another site-side host: issue its certificate from the site
+    /// root, make the management points believe the device identities it relays, and write DIR
+    /// to copy to that host — site.toml (the same database), the site root certificate, its own
+    /// certificate and key (0600) and logs/, none of the site's private keys. Run it there with
+    /// `cmg connector run --data DIR`; the site database must be reachable from there
+    /// (PostgreSQL).
+    Add {
+        /// Its name, e.g. the host's name: 1–63 letters, digits, '-', '_' or '.'.
+        #[arg(long, value_parser = parse_connector_name)]
+        name: ConnectionPointName,
+        /// The directory to write: new or empty; created readable by its owner only (0700).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// The connection point runs on this machine. Required when the site database is the
+        /// embedded SQLite file, which another host cannot share.
+        #[arg(long)]
+        same_host: bool,
+    },
+    /// List the site's connection points: name, certificate thumbprint, valid until, status.
+    /// The site server's own one is listed as "(site server)".
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a connection point added with `add`: its certificate is retired, management
+    /// points stop believing what it relays within about a second, and it closes its tunnels.
+    Remove {
+        /// Its name, as `list` shows it (any case).
+        name: String,
     },
 }
 
@@ -411,6 +451,10 @@ fn parse_yes_no(s: &str) -> Result<bool, String> {
 }
 
 fn parse_site_code(s: &str) -> Result<SiteCode, String> {
+    s.parse().map_err(|e: cmg_site::SiteError| e.to_string())
+}
+
+fn parse_connector_name(s: &str) -> Result<ConnectionPointName, String> {
     s.parse().map_err(|e: cmg_site::SiteError| e.to_string())
 }
 

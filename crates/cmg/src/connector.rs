@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use cmg_connector::{Connector, ConnectorOptions};
-use cmg_site::{AdminService, DataDir, Site, watch_state};
+use cmg_site::{DataDir, Site, SiteConfig, watch_state};
 
 use crate::cli::{ConnectorCommand, GatewayCommand};
 
@@ -15,11 +15,27 @@ pub async fn run(cmd: ConnectorCommand, data: DataDir) -> anyhow::Result<()> {
         verbose,
         tunnels,
     } = cmd;
-    let admin = AdminService::open(data.clone(), crate::actor()).await?;
+    // A connection point needs none of the site's private keys: the site server's data
+    // directory and one written by `cmg admin connector add` open the same way.
+    let config = SiteConfig::load(&data)?;
+    let site = Arc::new(Site::open_for_connection_point(data).await?);
+    let result = serve(&site, config, cmg, gateway_roots, verbose, tunnels).await;
+    site.close().await;
+    result
+}
+
+async fn serve(
+    site: &Arc<Site>,
+    config: SiteConfig,
+    cmg: Option<String>,
+    gateway_roots: Vec<std::path::PathBuf>,
+    verbose: bool,
+    tunnels: usize,
+) -> anyhow::Result<()> {
     let def = match cmg {
-        Some(name) => admin.cmg(&name).await?,
+        Some(name) => site.cmg(&name).await?,
         None => {
-            let mut all = admin.cmgs().await?;
+            let mut all = site.cmgs().await?;
             match all.len() {
                 1 => all.remove(0),
                 0 => anyhow::bail!("the site has no CMG; create one with `cmg admin cmg create`"),
@@ -27,7 +43,6 @@ pub async fn run(cmd: ConnectorCommand, data: DataDir) -> anyhow::Result<()> {
             }
         }
     };
-    admin.site().close().await;
     let roots = gateway_roots
         .iter()
         .map(|p| std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display())))
@@ -35,18 +50,40 @@ pub async fn run(cmd: ConnectorCommand, data: DataDir) -> anyhow::Result<()> {
     let mut options = ConnectorOptions::for_cmg(&def, roots)?;
     options.verbose = verbose;
     options.tunnels_per_instance = tunnels;
-    let site = Arc::new(Site::open(data).await?);
-    let (state, watcher) = watch_state(Arc::clone(&site), cmg_site::CHANGE_POLL).await?;
-    let connector = Connector::start(Arc::clone(&site), state, options).await?;
+    if let Some(name) = &config.connection_point {
+        // Traffic reports name the connection point as the admin added it.
+        options.name = name.clone();
+    }
+    let (state, watcher) = watch_state(Arc::clone(site), cmg_site::CHANGE_POLL).await?;
+    let connector = match Connector::start(Arc::clone(site), state, options).await {
+        Ok(connector) => connector,
+        Err(e) => {
+            watcher.abort();
+            return Err(e.into());
+        }
+    };
     println!(
-        "Connection point for CMG {} dialling {} instance(s), {tunnels} tunnel(s) each",
-        def.name, def.instances
+        "Connection point {}for CMG {} dialling {} instance(s), {tunnels} tunnel(s) each",
+        config
+            .connection_point
+            .as_deref()
+            .map(|n| format!("{n} "))
+            .unwrap_or_default(),
+        def.name,
+        def.instances
     );
     println!("ready");
-    crate::shutdown_signal().await;
+    let removed = tokio::select! {
+        _ = crate::shutdown_signal() => false,
+        _ = connector.removed() => true,
+    };
     connector.shutdown().await;
     watcher.abort();
-    site.close().await;
+    if removed {
+        anyhow::bail!(
+            "this connection point was removed from the site (`cmg admin connector remove`); its tunnels are closed. Add a new one on the site server with `cmg admin connector add`"
+        );
+    }
     Ok(())
 }
 

@@ -68,6 +68,8 @@ impl MpServer {
         state: StateWatch,
         options: MpOptions,
     ) -> Result<MpServer, SiteError> {
+        // The MP mints client tokens: a site opened for a connection point cannot serve one.
+        site.issuer()?;
         let url = state
             .borrow()
             .management_points

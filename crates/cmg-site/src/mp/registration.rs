@@ -144,6 +144,7 @@ pub(crate) async fn register(
     let (token, claims) = mp
         .site
         .issuer()
+        .map_err(ApiError::internal)?
         .mint_client(&ClientTokenRequest {
             client_id: &device.client_id,
             cert_thumbprint: thumbprint,

@@ -285,6 +285,7 @@ pub(crate) async fn renew(mp: &Mp, caller: &Caller) -> Result<RenewalResponse, A
     let (token, minted) = mp
         .site
         .issuer()
+        .map_err(ApiError::internal)?
         .mint_client(&ClientTokenRequest {
             client_id: &claims.sub,
             cert_thumbprint: &claims.cnf.x5t_s256,
