@@ -15,35 +15,10 @@ use cmg_site::{
     AdminService, ConnectionPointName, DataDir, Site, SiteConfig, SiteError, watch_state,
 };
 use cmg_store::testing::test_stores;
+use cmg_testkit::files::{listing, mode};
 use cmg_testkit::{TestSite, claims};
 use reqwest::StatusCode;
 use serde_json::Value;
-
-/// Every file and directory under `dir`, relative, directories with a trailing `/`, sorted.
-fn listing(dir: &Path) -> Vec<String> {
-    fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
-        for entry in std::fs::read_dir(dir).unwrap() {
-            let path = entry.unwrap().path();
-            let relative = path.strip_prefix(root).unwrap().display().to_string();
-            if path.is_dir() {
-                out.push(format!("{relative}/"));
-                walk(root, &path, out);
-            } else {
-                out.push(relative);
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(dir, dir, &mut out);
-    out.sort();
-    out
-}
-
-#[cfg(unix)]
-fn mode(path: &Path) -> u32 {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
-}
 
 /// An HTTPS client that presents the credential in `dir/pki/connection-point.{crt,key}`, as a
 /// connection point calls the MP.

@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 
 use cmg_store::testing::test_stores;
+use cmg_testkit::customer_pki::{self, serve_crl};
 use cmg_testkit::{TestSite, claims};
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -547,136 +548,6 @@ async fn with_the_mp_in_process_the_relay_keeps_every_rule() {
 // PKI client certificates from a customer CA, and that CA's CRL (DESIGN §4, first row).
 
 /// A customer's CA (not the site's) issuing device certificates, and its CRLs.
-mod customer_pki {
-    use rcgen::{
-        BasicConstraints, CertificateParams, CertificateRevocationListParams, CrlDistributionPoint,
-        DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair,
-        KeyUsagePurpose, RevokedCertParams, SerialNumber,
-    };
-    use time::{Duration, OffsetDateTime};
-
-    pub struct Ca {
-        pub pem: String,
-        issuer: Issuer<'static, KeyPair>,
-    }
-
-    fn dn(cn: &str) -> DistinguishedName {
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, cn);
-        dn.push(DnType::OrganizationName, "Contoso");
-        dn
-    }
-
-    pub fn ca(name: &str) -> Ca {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::default();
-        params.distinguished_name = dn(name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        params.not_before = OffsetDateTime::now_utc() - Duration::hours(1);
-        params.not_after = OffsetDateTime::now_utc() + Duration::days(365);
-        let cert = params.self_signed(&key).unwrap();
-        Ca {
-            pem: cert.pem(),
-            issuer: Issuer::new(params, key),
-        }
-    }
-
-    /// A client authentication certificate from `ca` with this serial number, naming `cdp` as
-    /// its CRL distribution point when given.
-    pub fn device(ca: &Ca, cn: &str, serial: u64, cdp: Option<&str>) -> cmg_pki::Credential {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::default();
-        params.distinguished_name = dn(cn);
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.serial_number = Some(SerialNumber::from(serial));
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.use_authority_key_identifier_extension = true;
-        params.not_before = OffsetDateTime::now_utc() - Duration::hours(1);
-        params.not_after = OffsetDateTime::now_utc() + Duration::days(30);
-        if let Some(url) = cdp {
-            params.crl_distribution_points = vec![CrlDistributionPoint {
-                uris: vec![url.to_owned()],
-            }];
-        }
-        let cert = params.signed_by(&key, &ca.issuer).unwrap();
-        // cmg-pki makes a `Credential` from PEM texts only through `SiteAuthority::load`, which
-        // takes any certificate with its key (it does not require a CA certificate).
-        cmg_pki::SiteAuthority::load(&cert.pem(), &key.serialize_pem())
-            .unwrap()
-            .credential()
-            .clone()
-    }
-
-    /// A CRL of `ca` revoking these serial numbers, current for an hour: (PEM, DER).
-    pub fn crl(ca: &Ca, revoked: &[u64]) -> (String, Vec<u8>) {
-        let now = OffsetDateTime::now_utc();
-        let crl = CertificateRevocationListParams {
-            this_update: now - Duration::minutes(5),
-            next_update: now + Duration::hours(1),
-            crl_number: SerialNumber::from(1u64),
-            issuing_distribution_point: None,
-            revoked_certs: revoked
-                .iter()
-                .map(|s| RevokedCertParams {
-                    serial_number: SerialNumber::from(*s),
-                    revocation_time: now - Duration::minutes(1),
-                    reason_code: None,
-                    invalidity_date: None,
-                })
-                .collect(),
-            key_identifier_method: KeyIdMethod::Sha256,
-        }
-        .signed_by(&ca.issuer)
-        .unwrap();
-        (crl.pem().unwrap(), crl.der().to_vec())
-    }
-}
-
-/// The CA's CRL distribution point: one CRL over plain HTTP/1.1 on 127.0.0.1 (a free port),
-/// counting downloads.
-async fn serve_crl(der: Vec<u8>) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/pki/issuing.crl", listener.local_addr().unwrap());
-    let hits = Arc::new(AtomicUsize::new(0));
-    let counter = Arc::clone(&hits);
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            let (der, counter) = (der.clone(), Arc::clone(&counter));
-            tokio::spawn(async move {
-                let mut request = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match tcp.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => request.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let response = if request.starts_with(b"GET /pki/issuing.crl ") {
-                    counter.fetch_add(1, Ordering::SeqCst);
-                    let mut r = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: application/pkix-crl\r\n\
-                         content-length: {}\r\nconnection: close\r\n\r\n",
-                        der.len()
-                    )
-                    .into_bytes();
-                    r.extend_from_slice(&der);
-                    r
-                } else {
-                    b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-                        .to_vec()
-                };
-                let _ = tcp.write_all(&response).await;
-                let _ = tcp.shutdown().await;
-            });
-        }
-    });
-    (url, hits)
-}
 
 /// `POST /ccm_system/request` with one status message, with or without a client token.
 async fn post_status(
@@ -728,11 +599,11 @@ fn assert_revoked((status, body): cmg_testkit::Reply, what: &str) {
 /// lets the revoked device in within seconds on both instances; on again, it is out again.
 #[tokio::test]
 async fn a_pki_device_revoked_by_its_cas_crl_is_refused_by_both_instances_while_the_check_is_on() {
-    let ca = customer_pki::ca("Contoso Issuing CA");
+    let ca = customer_pki::ca("Contoso Issuing CA", None);
     let (_, crl_der) = customer_pki::crl(&ca, &[4002]);
     let (cdp, downloads) = serve_crl(crl_der).await;
-    let good = customer_pki::device(&ca, "pki-good", 4001, Some(&cdp));
-    let revoked = customer_pki::device(&ca, "pki-revoked", 4002, Some(&cdp));
+    let good = customer_pki::device(&ca, "pki-good", 4001, Some(&cdp), &[]).credential();
+    let revoked = customer_pki::device(&ca, "pki-revoked", 4002, Some(&cdp), &[]).credential();
     let revoked_thumbprint = cmg_pki::thumbprint_sha256(revoked.cert_der());
 
     let site = TestSite::start(cmg_store::testing::sqlite_store().await).await;
@@ -905,9 +776,9 @@ async fn a_pki_device_revoked_by_its_cas_crl_is_refused_by_both_instances_while_
 /// `crl_files` of each instance's configuration.
 #[tokio::test]
 async fn a_pki_device_revoked_by_a_crl_file_on_each_instance_is_refused_by_both() {
-    let ca = customer_pki::ca("Contoso Offline CA");
-    let good = customer_pki::device(&ca, "pki-file-good", 5001, None);
-    let revoked = customer_pki::device(&ca, "pki-file-revoked", 5002, None);
+    let ca = customer_pki::ca("Contoso Offline CA", None);
+    let good = customer_pki::device(&ca, "pki-file-good", 5001, None, &[]).credential();
+    let revoked = customer_pki::device(&ca, "pki-file-revoked", 5002, None, &[]).credential();
     let dir = tempfile::tempdir().unwrap();
     let crl_file = dir.path().join("contoso-offline.crl");
     std::fs::write(&crl_file, customer_pki::crl(&ca, &[5002]).0).unwrap();

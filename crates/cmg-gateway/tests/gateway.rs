@@ -10,6 +10,7 @@ use cmg_pki::{Credential, KeyAlgorithm, Role, SiteAuthority};
 use cmg_proto::RegisteredVia;
 use cmg_proto::mp::{self, relay};
 use cmg_proto::tunnel::{GatewaySettings, SETTINGS};
+use cmg_testkit::customer_pki::{self, serve_crl};
 use cmg_token::{ClientTokenRequest, SigningKey, TokenIssuer, TokenVerifier};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
@@ -783,111 +784,7 @@ async fn the_minimum_tls_version_follows_the_settings() {
 // ---------------------------------------------------------------------------------------------
 // PKI client certificates (DESIGN §4, first row) and CRLs.
 
-mod test_pki {
-    use rcgen::{
-        BasicConstraints, CertificateParams, CertificateRevocationListParams, CrlDistributionPoint,
-        DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair,
-        KeyUsagePurpose, RevokedCertParams, SerialNumber,
-    };
-    use time::{Duration, OffsetDateTime};
-
-    /// A CA of the customer's PKI (not the site's).
-    pub struct Ca {
-        pub pem: String,
-        issuer: Issuer<'static, KeyPair>,
-    }
-
-    /// A device certificate with its chain and key.
-    pub struct Device {
-        pub der: Vec<u8>,
-        pub serial: u64,
-        /// Certificate, then the intermediates the device sends, then the key.
-        pub identity_pem: String,
-    }
-
-    fn dn(cn: &str) -> DistinguishedName {
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, cn);
-        dn.push(DnType::OrganizationName, "Contoso");
-        dn
-    }
-
-    pub fn ca(name: &str, parent: Option<&Ca>) -> Ca {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::default();
-        params.distinguished_name = dn(name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        params.use_authority_key_identifier_extension = parent.is_some();
-        params.not_before = OffsetDateTime::now_utc() - Duration::hours(1);
-        params.not_after = OffsetDateTime::now_utc() + Duration::days(365);
-        let cert = match parent {
-            None => params.self_signed(&key).unwrap(),
-            Some(p) => params.signed_by(&key, &p.issuer).unwrap(),
-        };
-        Ca {
-            pem: cert.pem(),
-            issuer: Issuer::new(params, key),
-        }
-    }
-
-    /// A client authentication certificate from `ca`; `sent` are the intermediates the device
-    /// sends in its TLS chain.
-    pub fn device(ca: &Ca, cn: &str, serial: u64, cdp: Option<&str>, sent: &[&Ca]) -> Device {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::default();
-        params.distinguished_name = dn(cn);
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.serial_number = Some(SerialNumber::from(serial));
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.use_authority_key_identifier_extension = true;
-        params.not_before = OffsetDateTime::now_utc() - Duration::hours(1);
-        params.not_after = OffsetDateTime::now_utc() + Duration::days(30);
-        if let Some(url) = cdp {
-            params.crl_distribution_points = vec![CrlDistributionPoint {
-                uris: vec![url.to_owned()],
-            }];
-        }
-        let cert = params.signed_by(&key, &ca.issuer).unwrap();
-        let mut identity_pem = cert.pem();
-        for ca in sent {
-            identity_pem.push_str(&ca.pem);
-        }
-        identity_pem.push_str(&key.serialize_pem());
-        Device {
-            der: cert.der().to_vec(),
-            serial,
-            identity_pem,
-        }
-    }
-
-    /// A CRL of `ca` revoking these serial numbers, valid for an hour; PEM and DER.
-    pub fn crl(ca: &Ca, revoked: &[u64]) -> (String, Vec<u8>) {
-        let now = OffsetDateTime::now_utc();
-        let crl = CertificateRevocationListParams {
-            this_update: now - Duration::minutes(5),
-            next_update: now + Duration::hours(1),
-            crl_number: SerialNumber::from(1u64),
-            issuing_distribution_point: None,
-            revoked_certs: revoked
-                .iter()
-                .map(|s| RevokedCertParams {
-                    serial_number: SerialNumber::from(*s),
-                    revocation_time: now - Duration::minutes(1),
-                    reason_code: None,
-                    invalidity_date: None,
-                })
-                .collect(),
-            key_identifier_method: KeyIdMethod::Sha256,
-        }
-        .signed_by(&ca.issuer)
-        .unwrap();
-        (crl.pem().unwrap(), crl.der().to_vec())
-    }
-}
-
-fn pki_client(h: &Harness, device: &test_pki::Device) -> reqwest::Client {
+fn pki_client(h: &Harness, device: &customer_pki::Device) -> reqwest::Client {
     let root =
         reqwest::Certificate::from_pem(h.site.root.credential().cert_pem().as_bytes()).unwrap();
     reqwest::Client::builder()
@@ -899,13 +796,13 @@ fn pki_client(h: &Harness, device: &test_pki::Device) -> reqwest::Client {
 
 #[tokio::test]
 async fn pki_devices_need_no_token_and_revoked_or_untrusted_ones_do_not_get_in() {
-    let root = test_pki::ca("Contoso Root CA", None);
-    let issuing = test_pki::ca("Contoso Issuing CA", Some(&root));
-    let good = test_pki::device(&issuing, "pki-device-1", 1001, None, &[&issuing]);
-    let revoked = test_pki::device(&issuing, "pki-device-2", 1002, None, &[&issuing]);
-    let stranger_ca = test_pki::ca("Fabrikam Root CA", None);
-    let stranger = test_pki::device(&stranger_ca, "stranger", 7, None, &[]);
-    let (crl_pem, _) = test_pki::crl(&issuing, &[revoked.serial]);
+    let root = customer_pki::ca("Contoso Root CA", None);
+    let issuing = customer_pki::ca("Contoso Issuing CA", Some(&root));
+    let good = customer_pki::device(&issuing, "pki-device-1", 1001, None, &[&issuing]);
+    let revoked = customer_pki::device(&issuing, "pki-device-2", 1002, None, &[&issuing]);
+    let stranger_ca = customer_pki::ca("Fabrikam Root CA", None);
+    let stranger = customer_pki::device(&stranger_ca, "stranger", 7, None, &[]);
+    let (crl_pem, _) = customer_pki::crl(&issuing, &[revoked.serial]);
 
     let h = start_with(
         "crl_files = [\"issuing.crl\"]",
@@ -1047,8 +944,8 @@ async fn pki_devices_need_no_token_and_revoked_or_untrusted_ones_do_not_get_in()
 
 #[tokio::test]
 async fn without_a_crl_a_pki_device_gets_revocation_unknown_when_the_check_is_on() {
-    let root = test_pki::ca("Contoso Root CA", None);
-    let device = test_pki::device(&root, "pki-device-3", 3003, None, &[]);
+    let root = customer_pki::ca("Contoso Root CA", None);
+    let device = customer_pki::device(&root, "pki-device-3", 3003, None, &[]);
     let h = start().await;
     let mut settings = h.site.settings(1);
     settings.trusted_cas = vec![root.pem.clone()];
@@ -1075,62 +972,16 @@ async fn without_a_crl_a_pki_device_gets_revocation_unknown_when_the_check_is_on
     h.gateway.shutdown().await;
 }
 
-/// Serves one CRL over plain HTTP/1.1 on 127.0.0.1, counting downloads.
-async fn serve_crl(der: Vec<u8>) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/pki/issuing.crl", listener.local_addr().unwrap());
-    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = Arc::clone(&hits);
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut tcp, _)) = listener.accept().await else {
-                return;
-            };
-            let der = der.clone();
-            let counter = Arc::clone(&counter);
-            tokio::spawn(async move {
-                let mut request = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match tcp.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => request.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let head = String::from_utf8_lossy(&request);
-                let response = if head.starts_with("GET /pki/issuing.crl ") {
-                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    let mut r = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: application/pkix-crl\r\n\
-                         content-length: {}\r\nconnection: close\r\n\r\n",
-                        der.len()
-                    )
-                    .into_bytes();
-                    r.extend_from_slice(&der);
-                    r
-                } else {
-                    b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-                        .to_vec()
-                };
-                let _ = tcp.write_all(&response).await;
-                let _ = tcp.shutdown().await;
-            });
-        }
-    });
-    (url, hits)
-}
-
 #[tokio::test]
 async fn the_crl_at_a_device_certificates_distribution_point_is_fetched_and_applied() {
-    let root = test_pki::ca("Contoso Root CA", None);
-    let issuing = test_pki::ca("Contoso Issuing CA", Some(&root));
+    let root = customer_pki::ca("Contoso Root CA", None);
+    let issuing = customer_pki::ca("Contoso Issuing CA", Some(&root));
     // The CRL names the serial of the second device; the server is up before the devices.
-    let (_, crl_der) = test_pki::crl(&issuing, &[2002]);
+    let (_, crl_der) = customer_pki::crl(&issuing, &[2002]);
     let (cdp, hits) = serve_crl(crl_der).await;
     // Both CAs are trusted; the devices send only their own certificate.
-    let good = test_pki::device(&issuing, "pki-device-4", 2001, Some(&cdp), &[]);
-    let revoked = test_pki::device(&issuing, "pki-device-5", 2002, Some(&cdp), &[]);
+    let good = customer_pki::device(&issuing, "pki-device-4", 2001, Some(&cdp), &[]);
+    let revoked = customer_pki::device(&issuing, "pki-device-5", 2002, Some(&cdp), &[]);
 
     let h = start().await;
     let mut settings = h.site.settings(1);

@@ -4,6 +4,9 @@
 //!
 //! Set-up failures panic: this crate is for tests. It must not be a dependency of any role.
 
+pub mod customer_pki;
+pub mod files;
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -9,6 +9,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use cmg_testkit::files::{listing, mode};
 use common::{BIN, cmg, cmg_ok, read_log, wait_until};
 use serde_json::Value;
 
@@ -23,29 +24,30 @@ fn cmg_err(dir: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// Every file and directory under `dir`, relative, directories with a trailing `/`, sorted.
-fn listing(dir: &Path) -> Vec<String> {
-    fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
-        for entry in std::fs::read_dir(dir).unwrap() {
-            let path = entry.unwrap().path();
-            let relative = path.strip_prefix(root).unwrap().display().to_string();
-            if path.is_dir() {
-                out.push(format!("{relative}/"));
-                walk(root, &path, out);
-            } else {
-                out.push(relative);
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(dir, dir, &mut out);
-    out.sort();
-    out
+/// The arguments of `cmg --data site admin connector add --name NAME --out OUT --same-host`.
+fn add_args<'a>(name: &'a str, out: &'a str) -> [&'a str; 10] {
+    [
+        "--data",
+        "site",
+        "admin",
+        "connector",
+        "add",
+        "--name",
+        name,
+        "--out",
+        out,
+        "--same-host",
+    ]
 }
 
-fn mode(path: &Path) -> u32 {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+/// Adds connection point `name` with its directory at `out`; returns the output.
+fn add_ok(dir: &Path, name: &str, out: &str) -> String {
+    cmg_ok(dir, &add_args(name, out))
+}
+
+/// Adding connection point `name` at `out` fails; returns stderr.
+fn add_err(dir: &Path, name: &str, out: &str) -> String {
+    cmg_err(dir, &add_args(name, out))
 }
 
 /// `cmg admin connector list --json` of the site in `site/`.
@@ -114,21 +116,7 @@ fn connector_add_writes_a_directory_without_site_keys_and_list_and_remove_manage
     assert!(!dir.join("cp2").exists());
     assert_eq!(list(dir).len(), 1, "only the site server's own");
 
-    let out = cmg_ok(
-        dir,
-        &[
-            "--data",
-            "site",
-            "admin",
-            "connector",
-            "add",
-            "--name",
-            "cp2",
-            "--out",
-            "cp2",
-            "--same-host",
-        ],
-    );
+    let out = add_ok(dir, "cp2", "cp2");
     assert!(out.contains("Connection point cp2 added"), "{out}");
     assert!(out.contains("cmg connector run --data cp2"), "{out}");
     assert!(
@@ -223,57 +211,15 @@ fn connector_add_writes_a_directory_without_site_keys_and_list_and_remove_manage
     );
 
     // Errors: a name taken (in another case), a bad name, a directory in use, an unknown name.
-    let err = cmg_err(
-        dir,
-        &[
-            "--data",
-            "site",
-            "admin",
-            "connector",
-            "add",
-            "--name",
-            "CP2",
-            "--out",
-            "cp3",
-            "--same-host",
-        ],
-    );
+    let err = add_err(dir, "CP2", "cp3");
     assert!(
         err.contains("already exists") && err.contains("cmg admin connector remove CP2"),
         "{err}"
     );
     assert!(!dir.join("cp3").exists());
-    let err = cmg_err(
-        dir,
-        &[
-            "--data",
-            "site",
-            "admin",
-            "connector",
-            "add",
-            "--name",
-            "cp 3",
-            "--out",
-            "cp3",
-            "--same-host",
-        ],
-    );
+    let err = add_err(dir, "cp 3", "cp3");
     assert!(err.contains("not a valid connection point name"), "{err}");
-    let err = cmg_err(
-        dir,
-        &[
-            "--data",
-            "site",
-            "admin",
-            "connector",
-            "add",
-            "--name",
-            "cp3",
-            "--out",
-            "cp2",
-            "--same-host",
-        ],
-    );
+    let err = add_err(dir, "cp3", "cp2");
     assert!(err.contains("not empty"), "{err}");
     let err = cmg_err(
         dir,
@@ -379,21 +325,7 @@ fn a_connection_point_runs_from_its_directory_and_stops_when_removed() {
             "127.0.0.1",
         ],
     );
-    cmg_ok(
-        dir,
-        &[
-            "--data",
-            "site",
-            "admin",
-            "connector",
-            "add",
-            "--name",
-            "cp2",
-            "--out",
-            "cp2",
-            "--same-host",
-        ],
-    );
+    add_ok(dir, "cp2", "cp2");
 
     let (out, err) = (dir.join("run.out"), dir.join("run.err"));
     let child = Command::new(BIN)
