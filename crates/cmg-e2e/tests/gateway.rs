@@ -547,8 +547,6 @@ async fn with_the_mp_in_process_the_relay_keeps_every_rule() {
 // ---------------------------------------------------------------------------------------------
 // PKI client certificates from a customer CA, and that CA's CRL (DESIGN §4, first row).
 
-/// A customer's CA (not the site's) issuing device certificates, and its CRLs.
-
 /// `POST /ccm_system/request` with one status message, with or without a client token.
 async fn post_status(
     device: &cmg_testkit::TestDevice,
