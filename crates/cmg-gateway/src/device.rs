@@ -382,7 +382,33 @@ async fn forward_request(
         .path_and_query()
         .map_or_else(|| parts.uri.path(), |pq| pq.as_str());
     let uri = format!("https://{}{path_and_query}", shared.config.fqdn);
-    let mut headers = parts.headers;
+    let headers = tunnel_headers(
+        parts.headers,
+        identity,
+        thumbprint,
+        shared.gateway_header.clone(),
+    )?;
+    let mut forwarded = Request::builder()
+        .method(parts.method)
+        .uri(uri)
+        .body(Full::new(body))
+        .map_err(RelayError::internal)?;
+    *forwarded.headers_mut() = headers;
+    Ok(forwarded)
+}
+
+/// A device's request headers as they go through the tunnel: hop-by-hop headers and anything
+/// `x-cmg-*` the device sent dropped, the identity the gateway verified added, and the token
+/// marked sensitive so that HPACK never indexes it. The tunnel's header table is shared by
+/// every device's requests: an indexed bearer token (a bulk token is not bound to a
+/// certificate) would let a device that sees the tunnel's frame sizes guess at other devices'
+/// tokens (RFC 7541 §7.1).
+fn tunnel_headers(
+    mut headers: HeaderMap,
+    identity: &Identity,
+    thumbprint: &str,
+    gateway: HeaderValue,
+) -> Result<HeaderMap, RelayError> {
     strip_hop_by_hop(&mut headers);
     let relayed: Vec<HeaderName> = headers
         .keys()
@@ -394,7 +420,9 @@ async fn forward_request(
     }
     headers.remove(header::HOST);
     headers.remove(header::CONTENT_LENGTH);
-    let value = |s: &str| HeaderValue::from_str(s).map_err(RelayError::internal);
+    if let Some(token) = headers.get_mut(header::AUTHORIZATION) {
+        token.set_sensitive(true);
+    }
     headers.insert(relay::IDENTITY, HeaderValue::from_static(identity.kind()));
     if let Identity::Pki { subject } = identity {
         headers.insert(
@@ -402,15 +430,12 @@ async fn forward_request(
             HeaderValue::from_bytes(subject.as_bytes()).map_err(RelayError::internal)?,
         );
     }
-    headers.insert(relay::CLIENT_THUMBPRINT, value(thumbprint)?);
-    headers.insert(relay::GATEWAY, shared.gateway_header.clone());
-    let mut forwarded = Request::builder()
-        .method(parts.method)
-        .uri(uri)
-        .body(Full::new(body))
-        .map_err(RelayError::internal)?;
-    *forwarded.headers_mut() = headers;
-    Ok(forwarded)
+    headers.insert(
+        relay::CLIENT_THUMBPRINT,
+        HeaderValue::from_str(thumbprint).map_err(RelayError::internal)?,
+    );
+    headers.insert(relay::GATEWAY, gateway);
+    Ok(headers)
 }
 
 /// Removes the headers that belong to one connection (RFC 9110 §7.6.1), including any named in
@@ -444,6 +469,37 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn through_the_tunnel_the_token_is_never_indexed_and_only_the_gateway_names_the_identity() {
+        let mut device = HeaderMap::new();
+        device.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer x"));
+        device.insert(
+            relay::IDENTITY,
+            HeaderValue::from_static("BulkRegistration"),
+        );
+        device.insert("x-cmg-anything", HeaderValue::from_static("forged"));
+        device.insert(header::HOST, HeaderValue::from_static("cmg.contoso.com"));
+        let identity = Identity::Pki {
+            subject: "CN=pki-device-1".into(),
+        };
+        let out = tunnel_headers(
+            device,
+            &identity,
+            "thumb",
+            HeaderValue::from_static("GraniteFalls/1"),
+        )
+        .unwrap();
+        let token = out.get(header::AUTHORIZATION).unwrap();
+        assert!(token.is_sensitive(), "HPACK must not index the token");
+        assert_eq!(token, "Bearer x");
+        assert_eq!(out.get(relay::IDENTITY).unwrap(), "PKI");
+        assert_eq!(out.get(relay::PKI_SUBJECT).unwrap(), "CN=pki-device-1");
+        assert_eq!(out.get(relay::CLIENT_THUMBPRINT).unwrap(), "thumb");
+        assert_eq!(out.get(relay::GATEWAY).unwrap(), "GraniteFalls/1");
+        assert!(out.get("x-cmg-anything").is_none());
+        assert!(out.get(header::HOST).is_none());
+    }
 
     #[test]
     fn hop_by_hop_headers_and_those_named_in_connection_are_removed() {
