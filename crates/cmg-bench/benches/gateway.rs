@@ -192,7 +192,15 @@ struct Setup {
 /// Site + MP + connection point + one gateway; 64 devices registered through the gateway.
 async fn setup() -> Setup {
     let site = TestSite::start(cmg_store::testing::sqlite_store().await).await;
-    let cmg = site.cmg(1).await;
+    // As deployed: the gateway writes CMGService.log every minute (the test kit's 1 s is for
+    // tests), and the connection point reports traffic every 5 minutes (see `use_connector`).
+    let cmg = site
+        .cmg_with_gateways(
+            1,
+            |_| {},
+            |g| g.stats_interval_secs = cmg_gateway::DEFAULT_STATS_INTERVAL_SECS,
+        )
+        .await;
     let admin = site.admin().await;
     let bulk = admin
         .new_bulk_token(Default::default())
@@ -286,11 +294,12 @@ impl MpHop {
     }
 }
 
-/// Replaces the connection point by one that reaches the MP as `hop` says (not verbose: as
-/// deployed, not every relayed URL is logged).
+/// Replaces the connection point by one that reaches the MP as `hop` says, configured as
+/// deployed: not verbose (not every relayed URL is logged), traffic reported every 5 minutes.
 async fn use_connector(setup: &mut Setup, hop: MpHop) {
     let options = &mut setup.cmg.connector_options;
     options.verbose = false;
+    options.report_interval = cmg_connector::REPORT_INTERVAL;
     options.in_process = match hop {
         MpHop::Tls => Vec::new(),
         MpHop::InProcess => vec![setup.site.in_process_mp()],
