@@ -230,11 +230,11 @@ impl Relay {
                 );
             }
         };
-        let query = parts
-            .uri
-            .query()
-            .map(|q| format!("?{q}"))
-            .unwrap_or_default();
+        // The MP's own path: the endpoint and the device's query, built once per request.
+        let path_and_query = match parts.uri.query() {
+            Some(q) => format!("{endpoint}?{q}"),
+            None => endpoint.to_owned(),
+        };
         let rotation = self.next.fetch_add(1, Ordering::Relaxed);
         let others = (0..allowed.len())
             .filter(|i| *i != first)
@@ -244,17 +244,17 @@ impl Relay {
         for index in std::iter::once(first).chain(others) {
             let mp = allowed[index];
             let local = self.in_process.iter().find(|l| l.role_id() == mp.role_id);
-            let url = format!("{}{endpoint}{query}", mp.url);
+            let url = || format!("{}{path_and_query}", mp.url);
             if self.verbose {
                 let how = if local.is_some() { " (in process)" } else { "" };
                 self.log
-                    .info(&format!("Switched to internal URL {url}{how}"));
+                    .info(&format!("Switched to internal URL {}{how}", url()));
             }
             let sent = match local {
                 Some(local) => Ok(self
-                    .call_in_process(local, &parts, &format!("{endpoint}{query}"), &body)
+                    .call_in_process(local, &parts, &path_and_query, &body)
                     .await),
-                None => self.call_over_tls(&url, &parts, &body).await,
+                None => self.call_over_tls(&url(), &parts, &body).await,
             };
             match sent {
                 Ok(reply) => {
