@@ -521,6 +521,9 @@ struct OpenLoop {
     /// How late the request tasks started compared with the schedule.
     start_lag: Percentiles,
     sustained: bool,
+    /// File descriptors this process gained during the run: new device connections (both
+    /// ends, as the gateway runs here too) opened because every one of a device's was busy.
+    fds_gained: i64,
 }
 
 /// Sends `rate` requests/s for `warm + secs` seconds on a fixed schedule, round-robin over the
@@ -536,6 +539,7 @@ fn open_loop(
     let warm_count = rate * warm;
     let samples: Arc<Mutex<Vec<Sample>>> = Arc::new(Mutex::new(Vec::with_capacity(total as usize)));
     let handle = rt.handle().clone();
+    let fds_before = open_fds(std::process::id());
     let start = Instant::now() + Duration::from_millis(20);
     // The pacer is this (non-runtime) thread: it sleeps until each request is due and hands it
     // to the runtime; when it is behind, it sends at once to catch up with the schedule.
@@ -597,6 +601,7 @@ fn open_loop(
         service,
         start_lag,
         sustained: failed == 0 && achieved >= 0.95 * rate as f64,
+        fds_gained: open_fds(std::process::id()) as i64 - fds_before as i64,
     }
 }
 
@@ -620,7 +625,8 @@ fn latency_pair(
         println!(
             "latency     {label:<15} offered {rate:>6}/s achieved {:>7.0}/s{}  ok {} failed {}  \
              p50 {:.3} ms  p90 {:.3} ms  p99 {:.3} ms  max {:.3} ms  \
-             (from task start: p50 {:.3} ms p99 {:.3} ms; task start lag p99 {:.3} ms)",
+             (from task start: p50 {:.3} ms p99 {:.3} ms; task start lag p99 {:.3} ms; \
+             file descriptors gained {})",
             run.achieved,
             if run.sustained {
                 ""
@@ -636,6 +642,7 @@ fn latency_pair(
             ms(run.service.p50),
             ms(run.service.p99),
             ms(run.start_lag.p99),
+            run.fds_gained,
         );
         println!(
             "{}",
