@@ -187,6 +187,10 @@ struct Setup {
     direct_policy: Targets,
     gateway_location: Targets,
     direct_location: Targets,
+    /// Policy again, the devices speaking HTTP/1.1 (as Configuration Manager clients do); the
+    /// others negotiate HTTP/2.
+    gateway_policy_h1: Targets,
+    direct_policy_h1: Targets,
 }
 
 /// Site + MP + connection point + one gateway; 64 devices registered through the gateway.
@@ -210,6 +214,8 @@ async fn setup() -> Setup {
     let mut direct_policy = Vec::new();
     let mut gateway_location = Vec::new();
     let mut direct_location = Vec::new();
+    let mut gateway_policy_h1 = Vec::new();
+    let mut direct_policy_h1 = Vec::new();
     for n in 0..CONNECTIONS {
         let hardware_id = format!("gw-bench-{n}");
         let via_gateway = cmg.device(0, &hardware_id);
@@ -237,6 +243,17 @@ async fn setup() -> Setup {
                 auth: auth.clone(),
             }));
         }
+        for (device, policy) in [
+            (&via_gateway, &mut gateway_policy_h1),
+            (&direct, &mut direct_policy_h1),
+        ] {
+            let device = device.speaking_http1();
+            policy.push(Arc::new(Target {
+                client: device.client().clone(),
+                url: format!("{}{}", device.base, mp::POLICY),
+                auth: auth.clone(),
+            }));
+        }
     }
     let setup = Setup {
         site,
@@ -245,6 +262,8 @@ async fn setup() -> Setup {
         direct_policy: Arc::new(direct_policy),
         gateway_location: Arc::new(gateway_location),
         direct_location: Arc::new(direct_location),
+        gateway_policy_h1: Arc::new(gateway_policy_h1),
+        direct_policy_h1: Arc::new(direct_policy_h1),
     };
     // Every connection answers before anything is measured; say which HTTP version it speaks.
     for (label, targets) in [
@@ -252,6 +271,8 @@ async fn setup() -> Setup {
         ("direct policy", &setup.direct_policy),
         ("gateway location", &setup.gateway_location),
         ("direct location", &setup.direct_location),
+        ("gateway policy, HTTP/1.1 devices", &setup.gateway_policy_h1),
+        ("direct policy, HTTP/1.1 devices", &setup.direct_policy_h1),
     ] {
         let mut version = None;
         for target in targets.iter() {
@@ -330,6 +351,8 @@ fn relay(rt: &tokio::runtime::Runtime, throughput: bool, latency: bool) {
                 ("gateway+tunnel, policy", &setup.gateway_policy),
                 ("direct MP, location", &setup.direct_location),
                 ("gateway+tunnel, location", &setup.gateway_location),
+                ("direct MP, policy, HTTP/1.1", &setup.direct_policy_h1),
+                ("gateway+tunnel, policy, HTTP/1.1", &setup.gateway_policy_h1),
             ] {
                 let relayed = path.starts_with("gateway");
                 // The direct runs do not depend on the connection point: measured once.
@@ -382,12 +405,21 @@ fn relay(rt: &tokio::runtime::Runtime, throughput: bool, latency: bool) {
              measured; relayed with the {} (as `cmg up`) ==",
             MpHop::InProcess.label()
         );
-        let sustained = latency_pair(rt, &setup, rate, warm, secs);
-        if !sustained && fallback > 0 && fallback < rate {
-            println!(
-                "latency     {rate}/s was not sustained on this machine; again at {fallback}/s"
-            );
-            latency_pair(rt, &setup, fallback, warm, secs);
+        for pair in [
+            (&setup.direct_policy, &setup.gateway_policy, "HTTP/2"),
+            (
+                &setup.direct_policy_h1,
+                &setup.gateway_policy_h1,
+                "HTTP/1.1",
+            ),
+        ] {
+            let sustained = latency_pair(rt, pair, rate, warm, secs);
+            if !sustained && fallback > 0 && fallback < rate {
+                println!(
+                    "latency     {rate}/s was not sustained on this machine; again at {fallback}/s"
+                );
+                latency_pair(rt, pair, fallback, warm, secs);
+            }
         }
     }
     rt.block_on(async {
@@ -609,21 +641,21 @@ fn open_loop(
 /// Returns whether both runs sustained the rate.
 fn latency_pair(
     rt: &tokio::runtime::Runtime,
-    setup: &Setup,
+    (direct, gateway, devices): (&Targets, &Targets, &str),
     rate: u64,
     warm: u64,
     secs: u64,
 ) -> bool {
     let mut runs = Vec::new();
     for (label, targets) in [
-        ("direct MP", &setup.direct_policy),
-        ("gateway+tunnel", &setup.gateway_policy),
+        (format!("direct MP, {devices}"), direct),
+        (format!("gateway+tunnel, {devices}"), gateway),
     ] {
         std::thread::sleep(Duration::from_millis(500));
         let run = open_loop(rt, targets, rate, warm, secs);
         let i = run.intended;
         println!(
-            "latency     {label:<15} offered {rate:>6}/s achieved {:>7.0}/s{}  ok {} failed {}  \
+            "latency     {label:<24} offered {rate:>6}/s achieved {:>7.0}/s{}  ok {} failed {}  \
              p50 {:.3} ms  p90 {:.3} ms  p99 {:.3} ms  max {:.3} ms  \
              (from task start: p50 {:.3} ms p99 {:.3} ms; task start lag p99 {:.3} ms; \
              file descriptors gained {})",
@@ -660,12 +692,13 @@ fn latency_pair(
     let added_p50 = ms(gateway.intended.p50) - ms(direct.intended.p50);
     let added_p99 = ms(gateway.intended.p99) - ms(direct.intended.p99);
     println!(
-        "latency     added by gateway+tunnel at {rate}/s offered: p50 {added_p50:+.3} ms, \
-         p99 {added_p99:+.3} ms (goal: p99 added ≤ 1 ms at 10000/s)"
+        "latency     added by gateway+tunnel at {rate}/s offered, {devices}: \
+         p50 {added_p50:+.3} ms, p99 {added_p99:+.3} ms (goal: p99 added ≤ 1 ms at 10000/s)"
     );
     println!(
         "{}",
-        json!({"bench": "gateway", "part": "latency_added", "offered_per_sec": rate,
+        json!({"bench": "gateway", "part": "latency_added", "devices": devices,
+               "offered_per_sec": rate,
                "added_p50_ms": added_p50, "added_p99_ms": added_p99,
                "sustained": direct.sustained && gateway.sustained})
     );

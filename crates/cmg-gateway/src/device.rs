@@ -11,21 +11,21 @@ use cmg_proto::mp::relay;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Frame, Incoming};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::server::conn::http2;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use rustls::pki_types::{CertificateDer, UnixTime};
 
-use crate::crl;
 use crate::error::{Body, Denial, RelayError, json_response};
 use crate::pki::{self, Verdict};
 use crate::policy::{self, CachedAuth, Identity, Route};
 use crate::stats::{METADATA, UNMAPPED};
 use crate::{Shared, unix_now};
+use crate::{crl, h1};
 
 /// Largest request body a device may send (inventory reports included).
 pub const MAX_BODY_BYTES: usize = 256 * 1024;
@@ -33,6 +33,10 @@ pub const MAX_BODY_BYTES: usize = 256 * 1024;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a TLS handshake, or the head of an HTTP/1.1 request, may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Request line and headers of an HTTP/1.1 request (a client token is about 1 KiB).
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// Header fields in one HTTP/1.1 request.
+pub const MAX_HEADERS: usize = 64;
 /// HTTP/2 keep-alive PINGs on device connections.
 const KEEP_ALIVE: Duration = Duration::from_secs(60);
 
@@ -59,19 +63,26 @@ pub(crate) struct CachedPki {
     verdict: Verdict,
 }
 
+/// Limits on HTTP/1.1 device requests (HTTP/2 ones are hyper's).
+const H1_LIMITS: h1::Limits = h1::Limits {
+    max_head_bytes: MAX_HEAD_BYTES,
+    max_headers: MAX_HEADERS,
+    max_body_bytes: MAX_BODY_BYTES,
+    head_timeout: HANDSHAKE_TIMEOUT,
+    body_timeout: REQUEST_TIMEOUT,
+};
+
 pub(crate) async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
 ) {
+    // HTTP/2 connections are hyper's and shut down through `graceful`; HTTP/1.1 ones are served
+    // by `h1` (no buffer held while idle) and each holds a clone of `h1_busy` until it ends.
     let graceful = GracefulShutdown::new();
-    let mut http = auto::Builder::new(TokioExecutor::new());
-    http.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HANDSHAKE_TIMEOUT)
-        .keep_alive(true);
-    http.http2()
-        .timer(TokioTimer::new())
+    let (h1_busy, mut h1_done) = mpsc::channel::<()>(1);
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
         .keep_alive_interval(Some(KEEP_ALIVE));
     loop {
         let (tcp, remote) = tokio::select! {
@@ -88,20 +99,22 @@ pub(crate) async fn serve(
         let _ = tcp.set_nodelay(true);
         let tls = shared.device_acceptor();
         let shared = Arc::clone(&shared);
-        let http = http.clone();
+        let h2 = h2.clone();
         let watcher = graceful.watcher();
+        let h1_busy = h1_busy.clone();
+        let stop = stop.clone();
         tokio::spawn(async move {
             let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(e)) => return tracing::debug!(%remote, "TLS handshake failed: {e}"),
                 Err(_) => return tracing::debug!(%remote, "TLS handshake timed out"),
             };
-            let chain: Vec<CertificateDer<'static>> = stream
-                .get_ref()
-                .1
+            let (_, tls) = stream.get_ref();
+            let chain: Vec<CertificateDer<'static>> = tls
                 .peer_certificates()
                 .map(|chain| chain.iter().map(|c| c.clone().into_owned()).collect())
                 .unwrap_or_default();
+            let speaks_h2 = tls.alpn_protocol() == Some(b"h2");
             let thumbprint = chain.first().map(|cert| cmg_pki::thumbprint_sha256(cert));
             let peer = Arc::new(Peer {
                 remote,
@@ -110,17 +123,36 @@ pub(crate) async fn serve(
                 verified: Mutex::new(None),
                 pki: Mutex::new(None),
             });
-            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-                handle(Arc::clone(&shared), Arc::clone(&peer), request)
-            });
-            let connection = http.serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = watcher.watch(connection.into_owned()).await {
+            let ended = if speaks_h2 {
+                drop(h1_busy);
+                let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                    let answer = handle(Arc::clone(&shared), Arc::clone(&peer), Ok(request));
+                    async move { Ok::<_, Infallible>(answer.await) }
+                });
+                let connection = h2.serve_connection(TokioIo::new(stream), service);
+                watcher.watch(connection).await.map_err(|e| e.to_string())
+            } else {
+                drop(watcher);
+                let ended = h1::serve(stream, &H1_LIMITS, stop, |request| {
+                    handle(Arc::clone(&shared), Arc::clone(&peer), request)
+                })
+                .await;
+                drop(h1_busy);
+                ended.map_err(|e| e.to_string())
+            };
+            if let Err(e) = ended {
                 tracing::debug!(%remote, "device connection ended: {e}");
             }
         });
     }
     drop(listener);
-    if tokio::time::timeout(REQUEST_TIMEOUT, graceful.shutdown())
+    drop(h1_busy);
+    let drained = async {
+        graceful.shutdown().await;
+        // `None` once every HTTP/1.1 connection has dropped its sender.
+        let _ = h1_done.recv().await;
+    };
+    if tokio::time::timeout(REQUEST_TIMEOUT, drained)
         .await
         .is_err()
     {
@@ -134,34 +166,38 @@ struct Outcome {
     bytes_in: u64,
 }
 
-async fn handle(
+async fn handle<B>(
     shared: Arc<Shared>,
     peer: Arc<Peer>,
-    request: Request<Incoming>,
-) -> Result<Response<Body>, Infallible> {
+    request: Result<Request<B>, h1::RequestError>,
+) -> Response<Body>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let started = Instant::now();
-    let method = request.method().clone();
-    let path = request.uri().path().to_owned();
     let mut outcome = Outcome {
         label: UNMAPPED.to_owned(),
         bytes_in: 0,
     };
-    let result = match tokio::time::timeout(
-        REQUEST_TIMEOUT,
-        route(&shared, &peer, request, &mut outcome),
-    )
-    .await
-    {
-        Ok(result) => result,
-        Err(_) => Err(RelayError::Downstream(Denial::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "CMGService_Request_Timeout",
-            format!(
-                "the request took longer than {} s to arrive or to be answered",
-                REQUEST_TIMEOUT.as_secs()
-            ),
-            "retry later",
-        ))),
+    let (line, result) = match request {
+        Ok(request) => {
+            let line = format!("{} {}", request.method(), request.uri().path());
+            let result = match tokio::time::timeout(
+                REQUEST_TIMEOUT,
+                route(&shared, &peer, request, &mut outcome),
+            )
+            .await
+            {
+                Ok(result) => result,
+                Err(_) => Err(RelayError::Downstream(request_timeout())),
+            };
+            (line, result)
+        }
+        Err(unreadable) => (
+            "(unreadable request)".to_owned(),
+            Err(RelayError::Downstream(unreadable_request(&unreadable))),
+        ),
     };
     let counters = shared.stats.endpoint(&outcome.label);
     let response = match result {
@@ -170,7 +206,7 @@ async fn handle(
             shared.stats.record_error(e.origin());
             let denial = e.denial();
             let line = format!(
-                "{method} {path} from {} (certificate {}): {e}",
+                "{line} from {} (certificate {}): {e}",
                 peer.remote,
                 peer.thumbprint.as_deref().unwrap_or("none"),
             );
@@ -197,15 +233,66 @@ async fn handle(
             frame
         })
         .boxed();
-    Ok(Response::from_parts(parts, counting))
+    Response::from_parts(parts, counting)
 }
 
-async fn route(
+fn request_timeout() -> Denial {
+    Denial::new(
+        StatusCode::REQUEST_TIMEOUT,
+        "CMGService_Request_Timeout",
+        format!(
+            "the request took longer than {} s to arrive or to be answered",
+            REQUEST_TIMEOUT.as_secs()
+        ),
+        "retry later",
+    )
+}
+
+/// The answer to an HTTP/1.1 request the gateway could not read (the connection then closes).
+fn unreadable_request(e: &h1::RequestError) -> Denial {
+    use h1::RequestError as E;
+    match e {
+        E::Malformed(why) => Denial::new(
+            e.status(),
+            "CMGService_Bad_Request",
+            format!("the request is not valid HTTP/1.1: {why}"),
+            "send a well-formed request",
+        ),
+        E::HeadTooLarge => Denial::new(
+            e.status(),
+            "CMGService_Request_Header_Too_Large",
+            format!(
+                "the request line and headers exceed {MAX_HEAD_BYTES} bytes or {MAX_HEADERS} fields"
+            ),
+            "send fewer or smaller headers",
+        ),
+        E::BodyTooLarge => too_large(),
+        E::BodyTimeout => request_timeout(),
+        E::UnsupportedTransferCoding => Denial::new(
+            e.status(),
+            "CMGService_Transfer_Coding_Not_Supported",
+            "only the chunked transfer coding is accepted",
+            "send the body with Content-Length or chunked",
+        ),
+        E::ExpectationFailed => Denial::new(
+            e.status(),
+            "CMGService_Expectation_Failed",
+            "only 'Expect: 100-continue' is understood",
+            "remove the Expect header",
+        ),
+    }
+}
+
+async fn route<B>(
     shared: &Shared,
     peer: &Peer,
-    request: Request<Incoming>,
+    request: Request<B>,
     outcome: &mut Outcome,
-) -> Result<Response<Body>, RelayError> {
+) -> Result<Response<Body>, RelayError>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let path = request.uri().path();
     if policy::parse_route(path) == Some(Route::Metadata) {
         outcome.label = METADATA.to_owned();
@@ -333,24 +420,28 @@ fn metadata(shared: &Shared, method: &Method) -> Result<Response<Body>, RelayErr
     Ok(json_response(StatusCode::OK, &body, None))
 }
 
-fn too_large() -> RelayError {
-    RelayError::Downstream(Denial::new(
+fn too_large() -> Denial {
+    Denial::new(
         StatusCode::PAYLOAD_TOO_LARGE,
         "CMGService_Request_Too_Large",
         format!("the request body is larger than {MAX_BODY_BYTES} bytes"),
         "send smaller batches",
-    ))
+    )
 }
 
 /// The request as it goes through the tunnel: same method, path, query and body; the device's
 /// `x-cmg-*` and hop-by-hop headers dropped; the identity the gateway verified added.
-async fn forward_request(
+async fn forward_request<B>(
     shared: &Shared,
-    request: Request<Incoming>,
+    request: Request<B>,
     identity: &Identity,
     thumbprint: &str,
     outcome: &mut Outcome,
-) -> Result<Request<Full<Bytes>>, RelayError> {
+) -> Result<Request<Full<Bytes>>, RelayError>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let (parts, body) = request.into_parts();
     let declared = parts
         .headers
@@ -358,14 +449,14 @@ async fn forward_request(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
-        return Err(too_large());
+        return Err(RelayError::Downstream(too_large()));
     }
     let body = Limited::new(body, MAX_BODY_BYTES)
         .collect()
         .await
         .map_err(|e| {
             if e.is::<http_body_util::LengthLimitError>() {
-                too_large()
+                RelayError::Downstream(too_large())
             } else {
                 RelayError::Downstream(Denial::new(
                     StatusCode::BAD_REQUEST,

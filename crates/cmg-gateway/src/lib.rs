@@ -26,6 +26,7 @@ mod config;
 mod crl;
 mod device;
 mod error;
+mod h1;
 mod pki;
 mod policy;
 mod stats;
@@ -49,7 +50,7 @@ use tokio_rustls::TlsAcceptor;
 pub use config::{
     DEFAULT_CRL_REFRESH_SECS, DEFAULT_STATS_INTERVAL_SECS, GatewayConfig, MAX_INSTANCES,
 };
-pub use device::{MAX_BODY_BYTES, REQUEST_TIMEOUT};
+pub use device::{MAX_BODY_BYTES, MAX_HEAD_BYTES, MAX_HEADERS, REQUEST_TIMEOUT};
 pub use error::{Denial, GatewayError, RelayError};
 
 use policy::Active;

@@ -135,6 +135,9 @@ pub struct TestDevice {
     pub hardware_id: String,
     pub base: String,
     client: reqwest::Client,
+    /// How `client` was built, for [`TestDevice::speaking_http1`].
+    root_pem: String,
+    resolve: Option<(String, std::net::SocketAddr)>,
 }
 
 /// An answer: the status and the JSON body (`Value::Null` when the body was not JSON).
@@ -177,24 +180,58 @@ impl TestDevice {
         credential: Credential,
         resolve: Option<(&str, std::net::SocketAddr)>,
     ) -> TestDevice {
+        let resolve = resolve.map(|(host, addr)| (host.to_owned(), addr));
+        TestDevice {
+            client: Self::https_client(root_pem, &credential, resolve.as_ref(), false),
+            credential,
+            hardware_id: hardware_id.to_owned(),
+            base: base.to_owned(),
+            root_pem: root_pem.to_owned(),
+            resolve,
+        }
+    }
+
+    /// An HTTPS client presenting `credential`, offering HTTP/2 and HTTP/1.1 (the server picks)
+    /// or HTTP/1.1 only.
+    fn https_client(
+        root_pem: &str,
+        credential: &Credential,
+        resolve: Option<&(String, std::net::SocketAddr)>,
+        http1_only: bool,
+    ) -> reqwest::Client {
         let identity = format!("{}{}", credential.key_pem(), credential.cert_pem());
         let mut builder = reqwest::Client::builder();
         if let Some((host, addr)) = resolve {
-            builder = builder.resolve(host, addr);
+            builder = builder.resolve(host, *addr);
         }
-        let client = builder
+        if http1_only {
+            builder = builder.http1_only();
+        }
+        builder
             .tls_certs_only(
                 [reqwest::Certificate::from_pem(root_pem.as_bytes()).expect("root pem")],
             )
             .identity(reqwest::Identity::from_pem(identity.as_bytes()).expect("identity"))
             .timeout(Duration::from_secs(30))
             .build()
-            .expect("https client");
+            .expect("https client")
+    }
+
+    /// The same device on HTTP/1.1 connections (as Configuration Manager clients speak), with a
+    /// connection pool of its own.
+    pub fn speaking_http1(&self) -> TestDevice {
         TestDevice {
-            credential,
-            hardware_id: hardware_id.to_owned(),
-            base: base.to_owned(),
-            client,
+            client: Self::https_client(
+                &self.root_pem,
+                &self.credential,
+                self.resolve.as_ref(),
+                true,
+            ),
+            credential: self.credential.clone(),
+            hardware_id: self.hardware_id.clone(),
+            base: self.base.clone(),
+            root_pem: self.root_pem.clone(),
+            resolve: self.resolve.clone(),
         }
     }
 
@@ -206,6 +243,8 @@ impl TestDevice {
             hardware_id: hardware_id.to_owned(),
             base: self.base.clone(),
             client: self.client.clone(),
+            root_pem: self.root_pem.clone(),
+            resolve: self.resolve.clone(),
         }
     }
 
