@@ -202,7 +202,11 @@ async fn setup() -> Setup {
         .cmg_with_gateways(
             1,
             |_| {},
-            |g| g.stats_interval_secs = cmg_gateway::DEFAULT_STATS_INTERVAL_SECS,
+            |g| {
+                g.stats_interval_secs = cmg_gateway::DEFAULT_STATS_INTERVAL_SECS;
+                // The HTTP/2 device paths need it; the HTTP/1.1 ones offer only HTTP/1.1.
+                g.device_http2 = true;
+            },
         )
         .await;
     let admin = site.admin().await;
@@ -743,6 +747,8 @@ fn gateway_child() {
         stats_interval_secs: 60,
         crl_files: Vec::new(),
         crl_refresh_secs: 3600,
+        // Both protocols are measured; the client's ALPN picks.
+        device_http2: true,
     };
     write("ca.crt", ca.credential().cert_pem());
     // Counted from before the gateway starts, so frees of its allocations balance.

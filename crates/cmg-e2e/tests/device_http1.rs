@@ -202,3 +202,32 @@ async fn pipelined_requests_are_answered_in_order_and_a_smuggling_attempt_is_ref
     cmg.shutdown().await;
     site.shutdown().await;
 }
+
+#[tokio::test]
+async fn http2_is_offered_to_devices_only_when_the_gateway_configuration_asks_for_it() {
+    for (http2, version) in [(false, Version::HTTP_11), (true, Version::HTTP_2)] {
+        let site = TestSite::start(cmg_store::testing::sqlite_store().await).await;
+        let admin = site.admin().await;
+        let bulk = admin.new_bulk_token(Default::default()).await.unwrap();
+        let cmg = site
+            .cmg_with_gateways(1, |_| {}, |g| g.device_http2 = http2)
+            .await;
+        // The client offers both protocols; the gateway picks.
+        let device = cmg.device(0, &format!("alpn-{http2}"));
+        let (_, token) = device.register_ok(Some(bulk.token.expose())).await;
+        let reply = device
+            .client()
+            .get(format!("{}/SMS_MP/.sms_pol", device.base))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            (reply.status(), reply.version()),
+            (StatusCode::OK, version),
+            "device_http2 = {http2}"
+        );
+        cmg.shutdown().await;
+        site.shutdown().await;
+    }
+}

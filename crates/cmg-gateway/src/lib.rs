@@ -170,7 +170,12 @@ impl Shared {
         if self.device_tls.read().unwrap_or_else(|p| p.into_inner()).0 == min_tls {
             return;
         }
-        match cmg_pki::tls::server_config_min_tls(&self.cert_pem, &self.key_pem, min_tls) {
+        match cmg_pki::tls::server_config_min_tls(
+            &self.cert_pem,
+            &self.key_pem,
+            min_tls,
+            self.config.device_alpn(),
+        ) {
             Ok(config) => {
                 *self.device_tls.write().unwrap_or_else(|p| p.into_inner()) =
                     (min_tls.to_owned(), TlsAcceptor::from(config));
@@ -242,7 +247,12 @@ impl Gateway {
         let cert_pem = read("the server certificate", &config.server_cert)?;
         let key_pem = read("the server key", &config.server_key)?;
         let root_pem = read("the site root certificate", &config.site_root)?;
-        let device_tls = cmg_pki::tls::server_config_min_tls(&cert_pem, &key_pem, DEFAULT_MIN_TLS)?;
+        let device_tls = cmg_pki::tls::server_config_min_tls(
+            &cert_pem,
+            &key_pem,
+            DEFAULT_MIN_TLS,
+            config.device_alpn(),
+        )?;
         let tunnel_tls = cmg_pki::tls::tunnel_server_config(&cert_pem, &key_pem, &root_pem)?;
         let open_log = |component: &str| {
             ComponentLog::open(&config.log_dir, component).map_err(|source| GatewayError::Logs {

@@ -123,16 +123,17 @@ fn root_store(pems: &[&str], what: &str) -> Result<rustls::RootCertStore, PkiErr
 /// A server configuration with this certificate chain and key (PEM), asking every client for a
 /// certificate without requiring one, speaking HTTP/2 and HTTP/1.1, TLS 1.2 and 1.3.
 pub fn server_config(cert_pem: &str, key_pem: &str) -> Result<Arc<ServerConfig>, PkiError> {
-    server_config_min_tls(cert_pem, key_pem, "1.2")
+    server_config_min_tls(cert_pem, key_pem, "1.2", &[b"h2", b"http/1.1"])
 }
 
 /// The gateway's device-facing configuration (DESIGN §4): like [`server_config`], but with the
-/// CMG's minimum TLS version (`"1.2"` or `"1.3"`, from the gateway settings). Any other value is
-/// refused rather than guessed.
+/// CMG's minimum TLS version (`"1.2"` or `"1.3"`, from the gateway settings) and the
+/// application protocols offered (ALPN). Any other version is refused rather than guessed.
 pub fn server_config_min_tls(
     cert_pem: &str,
     key_pem: &str,
     min_tls: &str,
+    alpn: &[&[u8]],
 ) -> Result<Arc<ServerConfig>, PkiError> {
     let versions: &[&rustls::SupportedProtocolVersion] = match min_tls {
         "1.2" => rustls::DEFAULT_VERSIONS,
@@ -153,7 +154,7 @@ pub fn server_config_min_tls(
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
         .map_err(|e| invalid("the server certificate and key", &e))?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
 }
 

@@ -152,7 +152,9 @@ pub(crate) fn write_instance_configs(
                  name = \"{name}\"\nfqdn = \"{fqdn}\"\ninstance = {n}\n\
                  listen = \"0.0.0.0:{port}\"\ntunnel_listen = \"0.0.0.0:{tunnel}\"\n\
                  server_cert = \"server.crt\"\nserver_key = \"server.key\"\nsite_root = \"site-root.crt\"\n\
-                 log_dir = \"logs-{n}\"\n",
+                 log_dir = \"logs-{n}\"\n\
+                 # Devices speak HTTP/1.1; `device_http2 = true` offers HTTP/2 as well.\n\
+                 # device_http2 = false\n",
                 name = def.name,
                 fqdn = def.fqdn,
                 file = dir.join(format!("instance-{n}.toml")).display(),

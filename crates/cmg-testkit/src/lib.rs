@@ -450,6 +450,7 @@ impl TestSite {
                 stats_interval_secs: 1,
                 crl_files: Vec::new(),
                 crl_refresh_secs: 3600,
+                device_http2: false,
             };
             adjust_gateway(&mut config);
             gateways.push(cmg_gateway::Gateway::start(config).await.expect("gateway"));

@@ -117,6 +117,7 @@ impl Up {
                 stats_interval_secs: cmg_gateway::DEFAULT_STATS_INTERVAL_SECS,
                 crl_files: Vec::new(),
                 crl_refresh_secs: cmg_gateway::DEFAULT_CRL_REFRESH_SECS,
+                device_http2: false,
             };
             gateways.push(Gateway::start(config).await?);
         }
