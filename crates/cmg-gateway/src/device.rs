@@ -70,6 +70,7 @@ const H1_LIMITS: h1::Limits = h1::Limits {
     max_body_bytes: MAX_BODY_BYTES,
     head_timeout: HANDSHAKE_TIMEOUT,
     body_timeout: REQUEST_TIMEOUT,
+    write_timeout: REQUEST_TIMEOUT,
 };
 
 pub(crate) async fn serve(

@@ -26,7 +26,7 @@ use hyper::http::uri::Authority;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::watch;
-use tokio::time::{Instant, timeout_at};
+use tokio::time::{Instant, timeout, timeout_at};
 
 /// Bytes asked for per read, and the size of the stack array an idle connection reads into.
 const READ_CHUNK: usize = 4096;
@@ -60,6 +60,9 @@ pub(crate) struct Limits {
     pub head_timeout: Duration,
     /// For the body, once the head is in.
     pub body_timeout: Duration,
+    /// For the device to take the whole response: one that stops reading is dropped rather than
+    /// holding the connection and the response's bytes.
+    pub write_timeout: Duration,
 }
 
 /// Why a request could not be read; the service answers it, then the connection closes.
@@ -258,7 +261,13 @@ where
     reply.keep_alive &= request.is_ok();
     let response = service(request).await;
     reply.keep_alive &= !*stop.borrow();
-    write_response(io, response, reply).await
+    match timeout(limits.write_timeout, write_response(io, response, reply)).await {
+        Ok(after) => after,
+        Err(_) => {
+            tracing::debug!("the device did not take its response in time; closing");
+            Ok(After::Abort)
+        }
+    }
 }
 
 /// What the answer to a request depends on.
@@ -992,6 +1001,7 @@ mod tests {
             max_body_bytes: 1024,
             head_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(30),
         }
     }
 
@@ -1774,6 +1784,28 @@ mod tests {
             "{waited:?}"
         );
         conn.result().await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_device_that_stops_reading_its_response_is_dropped_after_the_write_timeout() {
+        // Far more than the 64 KiB the pipe holds: the write blocks while nobody reads.
+        let big = Bytes::from(vec![b'x'; 512 * 1024]);
+        let mut conn = start(limits(), move |_| {
+            let big = big.clone();
+            async move { Response::new(Full::new(big)) }
+        });
+        conn.send(GET_A).await;
+        let started = Instant::now();
+        let server = conn.server;
+        let ended = tokio::time::timeout(PATIENCE, server)
+            .await
+            .expect("the server kept waiting for a device that does not read");
+        ended.unwrap().unwrap();
+        let waited = started.elapsed();
+        assert!(
+            waited >= limits().write_timeout && waited < limits().write_timeout * 2,
+            "{waited:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]
