@@ -51,6 +51,11 @@ use serde_json::json;
 
 /// Device connections sending at once (each its own certificate and keep-alive connection).
 const CONNECTIONS: usize = 64;
+/// HTTP/1.1 connections per device in the latency runs. An HTTP/1.1 connection carries one
+/// request at a time, so a client opens a new connection (a full handshake) whenever a request is
+/// due while its last one is in flight; at 10,000/s over 64 connections that is every few
+/// requests, and the handshakes, not the relay, would be measured. Over 512 connections it is rare.
+const H1_LATENCY_CLIENTS_PER_DEVICE: usize = 8;
 /// The CMG's public name in the idle-connection child.
 const FQDN: &str = "granitefalls.cmg.test";
 /// Answered by the gateway itself, before any settings or tunnel.
@@ -165,6 +170,20 @@ struct Target {
 
 type Targets = Arc<Vec<Arc<Target>>>;
 
+/// One request on every target at once, so that each has a live connection.
+async fn prime(targets: &Targets) {
+    let sent: Vec<_> = targets
+        .iter()
+        .map(|target| {
+            let target = Arc::clone(target);
+            tokio::spawn(async move { send(&target).await })
+        })
+        .collect();
+    for answer in sent {
+        let _ = answer.await;
+    }
+}
+
 /// Sends the request and reads the whole answer; `true` on a 2xx.
 async fn send(target: &Target) -> bool {
     let Ok(response) = target
@@ -188,9 +207,12 @@ struct Setup {
     gateway_location: Targets,
     direct_location: Targets,
     /// Policy again, the devices speaking HTTP/1.1 (as Configuration Manager clients do); the
-    /// others negotiate HTTP/2.
+    /// others negotiate HTTP/2. One connection per device, then [`H1_LATENCY_CLIENTS_PER_DEVICE`]
+    /// per device for the latency runs.
     gateway_policy_h1: Targets,
     direct_policy_h1: Targets,
+    gateway_policy_h1_many: Targets,
+    direct_policy_h1_many: Targets,
 }
 
 /// Site + MP + connection point + one gateway; 64 devices registered through the gateway.
@@ -218,8 +240,8 @@ async fn setup() -> Setup {
     let mut direct_policy = Vec::new();
     let mut gateway_location = Vec::new();
     let mut direct_location = Vec::new();
-    let mut gateway_policy_h1 = Vec::new();
-    let mut direct_policy_h1 = Vec::new();
+    let mut gateway_policy_h1_many = Vec::new();
+    let mut direct_policy_h1_many = Vec::new();
     for n in 0..CONNECTIONS {
         let hardware_id = format!("gw-bench-{n}");
         let via_gateway = cmg.device(0, &hardware_id);
@@ -248,17 +270,28 @@ async fn setup() -> Setup {
             }));
         }
         for (device, policy) in [
-            (&via_gateway, &mut gateway_policy_h1),
-            (&direct, &mut direct_policy_h1),
+            (&via_gateway, &mut gateway_policy_h1_many),
+            (&direct, &mut direct_policy_h1_many),
         ] {
-            let device = device.speaking_http1();
-            policy.push(Arc::new(Target {
-                client: device.client().clone(),
-                url: format!("{}{}", device.base, mp::POLICY),
-                auth: auth.clone(),
-            }));
+            for _ in 0..H1_LATENCY_CLIENTS_PER_DEVICE {
+                let device = device.speaking_http1();
+                policy.push(Arc::new(Target {
+                    client: device.client().clone(),
+                    url: format!("{}{}", device.base, mp::POLICY),
+                    auth: auth.clone(),
+                }));
+            }
         }
     }
+    // One client of each device for the throughput runs.
+    let first_of_each = |many: &[Arc<Target>]| -> Targets {
+        Arc::new(
+            many.iter()
+                .step_by(H1_LATENCY_CLIENTS_PER_DEVICE)
+                .cloned()
+                .collect(),
+        )
+    };
     let setup = Setup {
         site,
         cmg,
@@ -266,8 +299,10 @@ async fn setup() -> Setup {
         direct_policy: Arc::new(direct_policy),
         gateway_location: Arc::new(gateway_location),
         direct_location: Arc::new(direct_location),
-        gateway_policy_h1: Arc::new(gateway_policy_h1),
-        direct_policy_h1: Arc::new(direct_policy_h1),
+        gateway_policy_h1: first_of_each(&gateway_policy_h1_many),
+        direct_policy_h1: first_of_each(&direct_policy_h1_many),
+        gateway_policy_h1_many: Arc::new(gateway_policy_h1_many),
+        direct_policy_h1_many: Arc::new(direct_policy_h1_many),
     };
     // Every connection answers before anything is measured; say which HTTP version it speaks.
     for (label, targets) in [
@@ -275,8 +310,14 @@ async fn setup() -> Setup {
         ("direct policy", &setup.direct_policy),
         ("gateway location", &setup.gateway_location),
         ("direct location", &setup.direct_location),
-        ("gateway policy, HTTP/1.1 devices", &setup.gateway_policy_h1),
-        ("direct policy, HTTP/1.1 devices", &setup.direct_policy_h1),
+        (
+            "gateway policy, HTTP/1.1 devices",
+            &setup.gateway_policy_h1_many,
+        ),
+        (
+            "direct policy, HTTP/1.1 devices",
+            &setup.direct_policy_h1_many,
+        ),
     ] {
         let mut version = None;
         for target in targets.iter() {
@@ -405,15 +446,16 @@ fn relay(rt: &tokio::runtime::Runtime, throughput: bool, latency: bool) {
         rt.block_on(use_connector(&mut setup, MpHop::InProcess));
         println!(
             "\n== 2. Added latency, open loop (fixed send schedule, latency from the intended \
-             send time), policy with token, {CONNECTIONS} connections, {warm}s warm-up + {secs}s \
-             measured; relayed with the {} (as `cmg up`) ==",
+             send time), policy with token, {CONNECTIONS} HTTP/2 or {} HTTP/1.1 connections, \
+             {warm}s warm-up + {secs}s measured; relayed with the {} (as `cmg up`) ==",
+            setup.gateway_policy_h1_many.len(),
             MpHop::InProcess.label()
         );
         for pair in [
             (&setup.direct_policy, &setup.gateway_policy, "HTTP/2"),
             (
-                &setup.direct_policy_h1,
-                &setup.gateway_policy_h1,
+                &setup.direct_policy_h1_many,
+                &setup.gateway_policy_h1_many,
                 "HTTP/1.1",
             ),
         ] {
@@ -655,6 +697,9 @@ fn latency_pair(
         (format!("direct MP, {devices}"), direct),
         (format!("gateway+tunnel, {devices}"), gateway),
     ] {
+        // Every connection up before the schedule starts (HTTP/1.1 ones idle for 10 s were
+        // closed by the gateway, as they would be for a device).
+        rt.block_on(prime(targets));
         std::thread::sleep(Duration::from_millis(500));
         let run = open_loop(rt, targets, rate, warm, secs);
         let i = run.intended;

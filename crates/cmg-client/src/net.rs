@@ -19,6 +19,9 @@ pub(crate) struct HttpConfig<'a> {
     pub timeout: Duration,
 }
 
+/// How long an idle connection is kept for the next request (below the gateway's 10 s).
+const IDLE_CONNECTION: Duration = Duration::from_secs(5);
+
 #[derive(Clone)]
 pub(crate) struct Http {
     client: reqwest::Client,
@@ -32,7 +35,10 @@ impl Http {
         let mut builder = reqwest::Client::builder()
             .identity(identity)
             .timeout(config.timeout)
-            .connect_timeout(config.timeout.min(Duration::from_secs(10)));
+            .connect_timeout(config.timeout.min(Duration::from_secs(10)))
+            // The gateway closes an HTTP/1.1 connection after 10 s without a request; letting
+            // ours go first means no request is sent on a connection the gateway is closing.
+            .pool_idle_timeout(IDLE_CONNECTION);
         if let Some(pem) = config.roots_pem {
             let roots = reqwest::Certificate::from_pem_bundle(pem.as_bytes())
                 .map_err(|e| format!("the trusted root certificates are not valid PEM: {e}"))?;

@@ -213,6 +213,8 @@ impl TestDevice {
             )
             .identity(reqwest::Identity::from_pem(identity.as_bytes()).expect("identity"))
             .timeout(Duration::from_secs(30))
+            // Below the gateway's 10 s idle close of HTTP/1.1 connections, as the agent does.
+            .pool_idle_timeout(Duration::from_secs(5))
             .build()
             .expect("https client")
     }
