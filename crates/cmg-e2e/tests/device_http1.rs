@@ -80,9 +80,12 @@ async fn a_device_on_http1_registers_polls_renews_and_reports_and_every_refusal_
         .send()
         .await
         .unwrap();
-    assert_eq!(reply.status(), StatusCode::FORBIDDEN);
-    let body: Value = reply.json().await.unwrap();
-    assert_eq!(body["error"], "CMGService_Client_Certificate_Required");
+    assert_refusal(
+        reply,
+        StatusCode::FORBIDDEN,
+        "CMGService_Client_Certificate_Required",
+    )
+    .await;
     let reply = device
         .client()
         .get(format!("{}/SMS_MP/.sms_secret", device.base))
@@ -90,9 +93,7 @@ async fn a_device_on_http1_registers_polls_renews_and_reports_and_every_refusal_
         .send()
         .await
         .unwrap();
-    assert_eq!(reply.status(), StatusCode::NOT_FOUND);
-    let body: Value = reply.json().await.unwrap();
-    assert_eq!(body["error"], "CMGService_Url_Not_Allowed");
+    assert_refusal(reply, StatusCode::NOT_FOUND, "CMGService_Url_Not_Allowed").await;
     let reply = device
         .client()
         .post(format!("{}/ccm_system/request", device.base))
@@ -101,11 +102,21 @@ async fn a_device_on_http1_registers_polls_renews_and_reports_and_every_refusal_
         .send()
         .await
         .unwrap();
-    assert_eq!(reply.status(), StatusCode::PAYLOAD_TOO_LARGE);
-    let body: Value = reply.json().await.unwrap();
-    assert_eq!(body["error"], "CMGService_Request_Too_Large");
+    assert_refusal(
+        reply,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "CMGService_Request_Too_Large",
+    )
+    .await;
     cmg.shutdown().await;
     site.shutdown().await;
+}
+
+/// Asserts the status and the JSON error code of a refusal by the gateway.
+async fn assert_refusal(reply: reqwest::Response, status: StatusCode, code: &str) {
+    assert_eq!(reply.status(), status);
+    let body: Value = reply.json().await.unwrap();
+    assert_eq!(body["error"], code);
 }
 
 /// A TLS connection to instance 0 with a device certificate, speaking HTTP/1.1.
