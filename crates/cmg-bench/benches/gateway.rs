@@ -366,6 +366,9 @@ async fn use_connector(setup: &mut Setup, hop: MpHop) {
     let options = &mut setup.cmg.connector_options;
     options.verbose = false;
     options.report_interval = cmg_connector::REPORT_INTERVAL;
+    // `CMG_BENCH_TUNNELS=N`: tunnels per gateway instance (`connector run --tunnels N`).
+    options.tunnels_per_instance =
+        env_num("CMG_BENCH_TUNNELS", options.tunnels_per_instance as u64).clamp(1, 16) as usize;
     options.in_process = match hop {
         MpHop::Tls => Vec::new(),
         MpHop::InProcess => vec![setup.site.in_process_mp()],
@@ -655,6 +658,30 @@ fn open_loop(
     }
     let samples = std::mem::take(&mut *samples.lock().unwrap_or_else(|p| p.into_inner()));
     let measured: Vec<&Sample> = samples.iter().filter(|s| s.index >= warm_count).collect();
+    // `CMG_BENCH_SAMPLES=FILE`: every measured request as `due_ms,latency_ms,ok` (appended),
+    // to see when the slow ones happen.
+    if let Ok(path) = std::env::var("CMG_BENCH_SAMPLES") {
+        use std::io::Write as _;
+        let mut out = String::new();
+        for s in &measured {
+            out.push_str(&format!(
+                "{:.3},{:.3},{}\n",
+                ms(s.due - start),
+                ms(s.done - s.due),
+                s.ok
+            ));
+        }
+        if let Ok(mut file) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+        {
+            // The schedule's start on the system's monotonic clock (`Instant`'s debug form), to
+            // line the samples up with `perf sched record -k mono`.
+            let _ = writeln!(file, "# run {rate}/s, start {start:?}");
+            let _ = file.write_all(out.as_bytes());
+        }
+    }
     let expected = (total - warm_count) as usize;
     let ok = measured.iter().filter(|s| s.ok).count();
     let failed = expected - ok;
