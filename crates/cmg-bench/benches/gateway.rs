@@ -170,6 +170,21 @@ struct Target {
 
 type Targets = Arc<Vec<Arc<Target>>>;
 
+/// Waits until the connections no run is using have closed: past the clients' 5 s idle time,
+/// then until this process's file descriptors stop changing (at most 15 s in all).
+fn settle() {
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_millis(5_500));
+    let mut last = open_fds(std::process::id());
+    let mut steady = 0;
+    while steady < 4 && started.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(Duration::from_millis(250));
+        let now = open_fds(std::process::id());
+        steady = if now == last { steady + 1 } else { 0 };
+        last = now;
+    }
+}
+
 /// One request on every target at once, so that each has a live connection.
 async fn prime(targets: &Targets) {
     let sent: Vec<_> = targets
@@ -724,6 +739,10 @@ fn latency_pair(
         (format!("direct MP, {devices}"), direct),
         (format!("gateway+tunnel, {devices}"), gateway),
     ] {
+        // The connections of the run before are closed first: idle, they close after 5 s
+        // (clients) or 10 s (servers), and hundreds of them closing inside the next run would
+        // be measured as that run's latency.
+        settle();
         // Every connection up before the schedule starts (HTTP/1.1 ones idle for 10 s were
         // closed by the gateway, as they would be for a device).
         rt.block_on(prime(targets));
