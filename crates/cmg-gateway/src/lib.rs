@@ -26,6 +26,9 @@ mod config;
 mod crl;
 mod device;
 mod error;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod h1;
 mod pki;
 mod policy;
