@@ -46,6 +46,8 @@ pub(crate) struct Peer {
     pub remote: SocketAddr,
     /// base64url SHA-256 of the client certificate; the handshake proved the key.
     pub thumbprint: Option<String>,
+    /// The same as it goes through the tunnel (empty without a certificate).
+    pub thumbprint_header: HeaderValue,
     /// The certificate chain the device sent: its certificate, then any intermediates (kept
     /// for path building).
     pub chain: Vec<CertificateDer<'static>>,
@@ -117,9 +119,14 @@ pub(crate) async fn serve(
                 .unwrap_or_default();
             let speaks_h2 = tls.alpn_protocol() == Some(b"h2");
             let thumbprint = chain.first().map(|cert| cmg_pki::thumbprint_sha256(cert));
+            let thumbprint_header = thumbprint
+                .as_deref()
+                .and_then(|t| HeaderValue::from_str(t).ok())
+                .unwrap_or_else(|| HeaderValue::from_static(""));
             let peer = Arc::new(Peer {
                 remote,
                 thumbprint,
+                thumbprint_header,
                 chain,
                 verified: Mutex::new(None),
                 pki: Mutex::new(None),
@@ -181,9 +188,10 @@ where
         label: UNMAPPED.to_owned(),
         bytes_in: 0,
     };
+    // Kept (cheap clones) to name the request in the log, should it be refused.
     let (line, result) = match request {
         Ok(request) => {
-            let line = format!("{} {}", request.method(), request.uri().path());
+            let line = Some((request.method().clone(), request.uri().clone()));
             let result = match tokio::time::timeout(
                 REQUEST_TIMEOUT,
                 route(&shared, &peer, request, &mut outcome),
@@ -196,7 +204,7 @@ where
             (line, result)
         }
         Err(unreadable) => (
-            "(unreadable request)".to_owned(),
+            None,
             Err(RelayError::Downstream(unreadable_request(&unreadable))),
         ),
     };
@@ -207,7 +215,11 @@ where
             shared.stats.record_error(e.origin());
             let denial = e.denial();
             let line = format!(
-                "{line} from {} (certificate {}): {e}",
+                "{} from {} (certificate {}): {e}",
+                line.map_or_else(
+                    || "(unreadable request)".to_owned(),
+                    |(method, uri)| format!("{method} {}", uri.path())
+                ),
                 peer.remote,
                 peer.thumbprint.as_deref().unwrap_or("none"),
             );
@@ -333,8 +345,14 @@ where
         )
         .map_err(RelayError::Downstream)?,
     };
-    let thumbprint = peer.thumbprint.clone().unwrap_or_default();
-    let forwarded = forward_request(shared, request, &identity, &thumbprint, outcome).await?;
+    let forwarded = forward_request(
+        shared,
+        request,
+        &identity,
+        peer.thumbprint_header.clone(),
+        outcome,
+    )
+    .await?;
     let (tunnel, response) = shared.tunnels.send(forwarded).await?;
     tracing::debug!(tunnel, who = %identity.describe(), %endpoint, "relayed");
     let (mut parts, body) = response.into_parts();
@@ -436,7 +454,7 @@ async fn forward_request<B>(
     shared: &Shared,
     request: Request<B>,
     identity: &Identity,
-    thumbprint: &str,
+    thumbprint: HeaderValue,
     outcome: &mut Outcome,
 ) -> Result<Request<Full<Bytes>>, RelayError>
 where
@@ -469,11 +487,18 @@ where
         })?
         .to_bytes();
     outcome.bytes_in = body.len() as u64;
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .map_or_else(|| parts.uri.path(), |pq| pq.as_str());
-    let uri = format!("https://{}{path_and_query}", shared.config.fqdn);
+    // The CMG's own name and the device's path and query, without parsing a URL again.
+    let mut uri = hyper::http::uri::Parts::default();
+    uri.scheme = Some(hyper::http::uri::Scheme::HTTPS);
+    uri.authority = Some(shared.authority.clone());
+    uri.path_and_query = Some(
+        parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/")),
+    );
+    let uri = hyper::Uri::from_parts(uri).map_err(RelayError::internal)?;
     let headers = tunnel_headers(
         parts.headers,
         identity,
@@ -498,7 +523,7 @@ where
 fn tunnel_headers(
     mut headers: HeaderMap,
     identity: &Identity,
-    thumbprint: &str,
+    thumbprint: HeaderValue,
     gateway: HeaderValue,
 ) -> Result<HeaderMap, RelayError> {
     strip_hop_by_hop(&mut headers);
@@ -522,10 +547,7 @@ fn tunnel_headers(
             HeaderValue::from_bytes(subject.as_bytes()).map_err(RelayError::internal)?,
         );
     }
-    headers.insert(
-        relay::CLIENT_THUMBPRINT,
-        HeaderValue::from_str(thumbprint).map_err(RelayError::internal)?,
-    );
+    headers.insert(relay::CLIENT_THUMBPRINT, thumbprint);
     headers.insert(relay::GATEWAY, gateway);
     Ok(headers)
 }
@@ -578,7 +600,7 @@ mod tests {
         let out = tunnel_headers(
             device,
             &identity,
-            "thumb",
+            HeaderValue::from_static("thumb"),
             HeaderValue::from_static("GraniteFalls/1"),
         )
         .unwrap();

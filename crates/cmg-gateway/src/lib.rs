@@ -87,6 +87,8 @@ pub(crate) struct Shared {
     key_pem: String,
     /// The CMG name as the `x-cmg-gateway` header value.
     gateway_header: HeaderValue,
+    /// The CMG's name as the authority of relayed URLs, parsed once.
+    authority: hyper::http::uri::Authority,
 }
 
 impl Shared {
@@ -247,6 +249,13 @@ impl Gateway {
                 path: None,
                 reason: "'name' cannot be sent in an HTTP header".into(),
             })?;
+        let authority = config
+            .fqdn
+            .parse::<hyper::http::uri::Authority>()
+            .map_err(|_| GatewayError::Config {
+                path: None,
+                reason: format!("'fqdn' ({}) is not a valid host name", config.fqdn),
+            })?;
         let cert_pem = read("the server certificate", &config.server_cert)?;
         let key_pem = read("the server key", &config.server_key)?;
         let root_pem = read("the site root certificate", &config.site_root)?;
@@ -285,6 +294,7 @@ impl Gateway {
             cert_pem,
             key_pem,
             gateway_header,
+            authority,
             config,
         });
         crl::load_files(&shared).map_err(|reason| GatewayError::Config { path: None, reason })?;

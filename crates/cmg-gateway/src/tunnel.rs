@@ -52,9 +52,11 @@ impl Tunnel {
 }
 
 /// The live tunnels of this gateway instance.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Tunnels {
-    list: RwLock<Vec<Arc<Tunnel>>>,
+    /// Replaced whole when a tunnel comes or goes, so that a request takes it with one
+    /// reference count, not a copy.
+    list: RwLock<Arc<[Arc<Tunnel>]>>,
     next: AtomicUsize,
     ids: AtomicU64,
 }
@@ -72,6 +74,16 @@ pub(crate) fn unavailable(message: &str) -> RelayError {
     )
 }
 
+impl Default for Tunnels {
+    fn default() -> Self {
+        Tunnels {
+            list: RwLock::new(Arc::from(Vec::new())),
+            next: AtomicUsize::new(0),
+            ids: AtomicU64::new(0),
+        }
+    }
+}
+
 impl Tunnels {
     /// Tunnels whose HTTP/2 connection is up.
     pub fn live(&self) -> usize {
@@ -85,13 +97,13 @@ impl Tunnels {
 
     fn add(&self, tunnel: Arc<Tunnel>) -> usize {
         let mut list = self.list.write().unwrap_or_else(|p| p.into_inner());
-        list.push(tunnel);
+        *list = list.iter().cloned().chain([tunnel]).collect();
         list.len()
     }
 
     fn remove(&self, id: u64) -> usize {
         let mut list = self.list.write().unwrap_or_else(|p| p.into_inner());
-        list.retain(|t| t.id != id);
+        *list = list.iter().filter(|t| t.id != id).cloned().collect();
         list.len()
     }
 
@@ -102,8 +114,7 @@ impl Tunnels {
         &self,
         mut request: Request<Full<Bytes>>,
     ) -> Result<(u64, Response<Incoming>), RelayError> {
-        let snapshot: Vec<Arc<Tunnel>> =
-            self.list.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let snapshot = Arc::clone(&self.list.read().unwrap_or_else(|p| p.into_inner()));
         let n = snapshot.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         for i in 0..n {
