@@ -118,6 +118,7 @@ pub(crate) async fn serve(
                 .map(|chain| chain.iter().map(|c| c.clone().into_owned()).collect())
                 .unwrap_or_default();
             let speaks_h2 = tls.alpn_protocol() == Some(b"h2");
+            let _open = shared.stats.connection_opened(speaks_h2);
             let thumbprint = chain.first().map(|cert| cmg_pki::thumbprint_sha256(cert));
             let thumbprint_header = thumbprint
                 .as_deref()

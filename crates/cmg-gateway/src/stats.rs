@@ -56,6 +56,20 @@ pub(crate) struct Stats {
     reported: Mutex<BTreeMap<String, Snapshot>>,
     /// Requests not relayed, by origin (`device`, `tunnel`, `gateway`).
     errors: Mutex<BTreeMap<&'static str, u64>>,
+    /// Device connections open now (TLS handshake done), HTTP/1.1 and HTTP/2: what the
+    /// gateway's memory grows with.
+    connections_http1: Arc<AtomicU64>,
+    connections_http2: Arc<AtomicU64>,
+}
+
+/// A device connection counted as open for as long as this lives.
+#[derive(Debug)]
+pub(crate) struct OpenConnection(Arc<AtomicU64>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Stats {
@@ -137,6 +151,17 @@ impl Stats {
     }
 
     /// Prometheus text exposition (format 0.0.4).
+    /// Counts a device connection until the returned guard is dropped.
+    pub fn connection_opened(&self, http2: bool) -> OpenConnection {
+        let counter = if http2 {
+            &self.connections_http2
+        } else {
+            &self.connections_http1
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(Arc::clone(counter))
+    }
+
     pub fn prometheus(&self, tunnels: usize, settings_version: Option<i64>) -> String {
         let endpoints: Vec<(String, Arc<EndpointCounters>)> = self
             .endpoints
@@ -216,6 +241,21 @@ impl Stats {
         let _ = writeln!(out, "cmg_gateway_tunnels {tunnels}");
         let _ = writeln!(
             out,
+            "# HELP cmg_gateway_device_connections Device connections open (TLS handshake done), by protocol."
+        );
+        let _ = writeln!(out, "# TYPE cmg_gateway_device_connections gauge");
+        for (protocol, counter) in [
+            ("http/1.1", &self.connections_http1),
+            ("h2", &self.connections_http2),
+        ] {
+            let _ = writeln!(
+                out,
+                "cmg_gateway_device_connections{{protocol=\"{protocol}\"}} {}",
+                counter.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
             "# HELP cmg_gateway_settings_version Version of the CMG settings in force (-1: none yet)."
         );
         let _ = writeln!(out, "# TYPE cmg_gateway_settings_version gauge");
@@ -273,5 +313,23 @@ mod tests {
         assert!(text.contains("cmg_gateway_settings_version 7"));
         assert!(text.contains("cmg_gateway_relay_errors_total{origin=\"device\"} 1"));
         assert_eq!(escape("a\"b\\"), "a\\\"b\\\\");
+    }
+
+    #[test]
+    fn open_device_connections_are_counted_until_they_end() {
+        let stats = Stats::default();
+        let first = stats.connection_opened(false);
+        let _second = stats.connection_opened(false);
+        let _third = stats.connection_opened(true);
+        drop(first);
+        let text = stats.prometheus(0, None);
+        assert!(
+            text.contains("cmg_gateway_device_connections{protocol=\"http/1.1\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("cmg_gateway_device_connections{protocol=\"h2\"} 1"),
+            "{text}"
+        );
     }
 }

@@ -446,6 +446,16 @@ async fn settings_arrive_by_long_poll_and_token_devices_are_relayed_with_their_i
     assert!(metrics.contains("cmg_gateway_requests_total{endpoint=\"/CCM_STS\",status=\"403\"} 1"));
     assert!(metrics.contains("cmg_gateway_tunnels 1"));
     assert!(metrics.contains("cmg_gateway_settings_version 2"));
+    // The device's keep-alive connection is open; devices speak HTTP/1.1 unless HTTP/2 is on.
+    let open = |protocol: &str| -> u64 {
+        let prefix = format!("cmg_gateway_device_connections{{protocol=\"{protocol}\"}} ");
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(&prefix)?.parse().ok())
+            .unwrap_or_else(|| panic!("no {prefix}in {metrics}"))
+    };
+    assert!(open("http/1.1") >= 1, "{metrics}");
+    assert_eq!(open("h2"), 0, "{metrics}");
 
     connector.stop();
     h.gateway.shutdown().await;
