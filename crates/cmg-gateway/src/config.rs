@@ -69,8 +69,7 @@ pub struct GatewayConfig {
     pub crl_refresh_secs: u64,
     /// Offer HTTP/2 to devices (ALPN) besides HTTP/1.1. Off by default: a device sends one
     /// request at a time, so HTTP/2 gains it nothing, while an idle HTTP/2 connection costs
-    /// the gateway about twice the memory of an idle HTTP/1.1 one and is kept open with PINGs
-    /// instead of being closed after 10 s.
+    /// the gateway about twice the memory of an idle HTTP/1.1 one.
     #[serde(default)]
     pub device_http2: bool,
 }

@@ -1031,3 +1031,59 @@ async fn the_crl_at_a_device_certificates_distribution_point_is_fetched_and_appl
     connector.stop();
     h.gateway.shutdown().await;
 }
+
+/// Open device connections of a protocol, as the metrics say.
+async fn open_device_connections(h: &Harness, protocol: &str) -> u64 {
+    let metrics = reqwest::get(format!(
+        "http://{}/metrics",
+        h.gateway.metrics_addr().unwrap()
+    ))
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap();
+    let prefix = format!("cmg_gateway_device_connections{{protocol=\"{protocol}\"}} ");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix)?.parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix}in {metrics}"))
+}
+
+#[tokio::test]
+async fn an_idle_http2_device_connection_is_closed_like_an_http1_one() {
+    let h = start_with("device_http2 = true", &[]).await;
+    let device = device_cert();
+    let client = device_client(&h, Some(&device));
+    let metadata = format!(
+        "https://127.0.0.1:{}/CCM_Proxy_MutualAuth/ServiceMetadata",
+        h.gateway.device_addr().port()
+    );
+    let reply = client.get(&metadata).send().await.unwrap();
+    assert_eq!(reply.version(), reqwest::Version::HTTP_2);
+    reply.bytes().await.unwrap();
+    // Kept while requests come...
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        client.get(&metadata).send().await.unwrap();
+        assert_eq!(open_device_connections(&h, "h2").await, 1);
+    }
+    // ...closed after 10 s without one (the client keeps its side open as long as it likes).
+    let quiet = std::time::Instant::now();
+    while open_device_connections(&h, "h2").await > 0 {
+        assert!(
+            quiet.elapsed() < Duration::from_secs(13),
+            "an idle HTTP/2 connection stayed open"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(
+        quiet.elapsed() >= Duration::from_secs(9),
+        "{:?}",
+        quiet.elapsed()
+    );
+    // The device simply reconnects.
+    let reply = client.get(&metadata).send().await.unwrap();
+    assert!(reply.status().is_success());
+    h.gateway.shutdown().await;
+}
