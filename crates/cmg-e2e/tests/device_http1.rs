@@ -1,6 +1,8 @@
-//! Devices speaking HTTP/1.1, as Configuration Manager clients do: the gateway serves them with
-//! its own lean HTTP/1.1 loop (no buffer held while a connection idles), so every rule of
-//! DESIGN §4 is checked again here over HTTP/1.1, plus the framing a hostile request could abuse.
+//! Devices speaking HTTP/1.1, as Configuration Manager clients do. The gateway serves them with
+//! its own lean HTTP/1.1 loop (no buffer held while a connection idles). HTTP/1.1 is what the
+//! gateway offers by default, so the rules of DESIGN §4 are covered over it in `gateway.rs`; this
+//! file checks what is particular to the loop: the protocol spoken, whole bodies both ways,
+//! pipelining, and the framing a hostile request could abuse.
 
 use std::sync::Arc;
 
@@ -10,7 +12,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test]
-async fn a_device_on_http1_registers_polls_renews_and_reports_and_every_refusal_keeps_its_code() {
+async fn over_http1_a_device_registers_polls_and_reports_and_an_oversized_body_gets_413() {
     let site = TestSite::start(cmg_store::testing::sqlite_store().await).await;
     let cmg = site.cmg(2).await;
     let admin = site.admin().await;
@@ -32,10 +34,6 @@ async fn a_device_on_http1_registers_polls_renews_and_reports_and_every_refusal_
     assert_eq!(reply.status(), StatusCode::OK);
     let policy: Value = reply.json().await.unwrap();
     assert_eq!(policy["enable_cmg"], true);
-    let (status, renewed) = other_instance.renew(Some(&token)).await;
-    assert_eq!(status, StatusCode::OK, "{renewed}");
-    let (status, mps) = device.location(Some(&token)).await;
-    assert_eq!(status, StatusCode::OK, "{mps}");
     // A request body goes through whole.
     let filler = "y".repeat(20_000);
     let batch = json!({"messages": [
@@ -56,44 +54,7 @@ async fn a_device_on_http1_registers_polls_renews_and_reports_and_every_refusal_
     assert_eq!(stored.len(), 1);
     let body: Value = serde_json::from_str(&stored[0].message.body).unwrap();
     assert_eq!(body["x"], filler);
-
-    // The refusals, each with its code.
-    let (status, body) = device.policy(Some(bulk.token.expose())).await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (StatusCode::UNAUTHORIZED, Some("CMGService_Invalid_Token"))
-    );
-    let thief = cmg.device(1, "h1-device").speaking_http1();
-    let (status, body) = thief.policy(Some(&token)).await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (StatusCode::UNAUTHORIZED, Some("CMGService_Invalid_Token"))
-    );
-    let bare = reqwest::Client::builder()
-        .http1_only()
-        .tls_certs_only([reqwest::Certificate::from_pem(cmg.ca_pem.as_bytes()).unwrap()])
-        .resolve(&cmg.fqdn, cmg.gateways[0].device_addr())
-        .build()
-        .unwrap();
-    let reply = bare
-        .get(format!("{}/SMS_MP/.sms_pol", device.base))
-        .send()
-        .await
-        .unwrap();
-    assert_refusal(
-        reply,
-        StatusCode::FORBIDDEN,
-        "CMGService_Client_Certificate_Required",
-    )
-    .await;
-    let reply = device
-        .client()
-        .get(format!("{}/SMS_MP/.sms_secret", device.base))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
-    assert_refusal(reply, StatusCode::NOT_FOUND, "CMGService_Url_Not_Allowed").await;
+    // One byte over the limit.
     let reply = device
         .client()
         .post(format!("{}/ccm_system/request", device.base))
@@ -102,21 +63,11 @@ async fn a_device_on_http1_registers_polls_renews_and_reports_and_every_refusal_
         .send()
         .await
         .unwrap();
-    assert_refusal(
-        reply,
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "CMGService_Request_Too_Large",
-    )
-    .await;
+    assert_eq!(reply.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let body: Value = reply.json().await.unwrap();
+    assert_eq!(body["error"], "CMGService_Request_Too_Large");
     cmg.shutdown().await;
     site.shutdown().await;
-}
-
-/// Asserts the status and the JSON error code of a refusal by the gateway.
-async fn assert_refusal(reply: reqwest::Response, status: StatusCode, code: &str) {
-    assert_eq!(reply.status(), status);
-    let body: Value = reply.json().await.unwrap();
-    assert_eq!(body["error"], code);
 }
 
 /// A TLS connection to instance 0 with a device certificate, speaking HTTP/1.1.

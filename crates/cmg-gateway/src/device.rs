@@ -42,10 +42,9 @@ pub const MAX_HEADERS: usize = 64;
 #[derive(Debug)]
 pub(crate) struct Peer {
     pub remote: SocketAddr,
-    /// base64url SHA-256 of the client certificate; the handshake proved the key.
-    pub thumbprint: Option<String>,
-    /// The same as it goes through the tunnel (empty without a certificate).
-    pub thumbprint_header: HeaderValue,
+    /// base64url SHA-256 of the client certificate, as it goes through the tunnel; the
+    /// handshake proved the key.
+    pub thumbprint: Option<HeaderValue>,
     /// The certificate chain the device sent: its certificate, then any intermediates (kept
     /// for path building).
     pub chain: Vec<CertificateDer<'static>>,
@@ -53,6 +52,12 @@ pub(crate) struct Peer {
     pub verified: Mutex<Option<CachedAuth>>,
     /// The chain and CRL verdict on this connection's certificate.
     pub pki: Mutex<Option<CachedPki>>,
+}
+
+impl Peer {
+    fn thumbprint(&self) -> Option<&str> {
+        self.thumbprint.as_ref().and_then(|t| t.to_str().ok())
+    }
 }
 
 /// A PKI verdict remembered on a connection, valid for one settings version and CRL generation.
@@ -114,15 +119,13 @@ pub(crate) async fn serve(
                 .unwrap_or_default();
             let speaks_h2 = tls.alpn_protocol() == Some(b"h2");
             let _open = shared.stats.connection_opened(speaks_h2);
-            let thumbprint = chain.first().map(|cert| cmg_pki::thumbprint_sha256(cert));
-            let thumbprint_header = thumbprint
-                .as_deref()
-                .and_then(|t| HeaderValue::from_str(t).ok())
-                .unwrap_or_else(|| HeaderValue::from_static(""));
+            // base64url is always a valid header value.
+            let thumbprint = chain
+                .first()
+                .and_then(|cert| HeaderValue::try_from(cmg_pki::thumbprint_sha256(cert)).ok());
             let peer = Arc::new(Peer {
                 remote,
                 thumbprint,
-                thumbprint_header,
                 chain,
                 verified: Mutex::new(None),
                 pki: Mutex::new(None),
@@ -295,7 +298,7 @@ where
                     |(method, uri)| format!("{method} {}", uri.path())
                 ),
                 peer.remote,
-                peer.thumbprint.as_deref().unwrap_or("none"),
+                peer.thumbprint().unwrap_or("none"),
             );
             if denial.status.is_server_error() {
                 shared.handler_log.error(&line);
@@ -412,7 +415,7 @@ where
         Some(Verdict::NotTrusted { .. }) | None => policy::authorize(
             &active,
             &endpoint,
-            peer.thumbprint.as_deref(),
+            peer.thumbprint(),
             request.headers().get(header::AUTHORIZATION),
             unix_now(),
             &peer.verified,
@@ -423,7 +426,9 @@ where
         shared,
         request,
         &identity,
-        peer.thumbprint_header.clone(),
+        peer.thumbprint
+            .clone()
+            .unwrap_or_else(|| HeaderValue::from_static("")),
         outcome,
     )
     .await?;

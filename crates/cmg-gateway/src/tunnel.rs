@@ -52,7 +52,7 @@ impl Tunnel {
 }
 
 /// The live tunnels of this gateway instance.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(crate) struct Tunnels {
     /// Replaced whole when a tunnel comes or goes, so that a request takes it with one
     /// reference count, not a copy.
@@ -72,16 +72,6 @@ pub(crate) fn unavailable(message: &str) -> RelayError {
         )
         .with_retry_after(RETRY_AFTER_SECS),
     )
-}
-
-impl Default for Tunnels {
-    fn default() -> Self {
-        Tunnels {
-            list: RwLock::new(Arc::from(Vec::new())),
-            next: AtomicUsize::new(0),
-            ids: AtomicU64::new(0),
-        }
-    }
 }
 
 impl Tunnels {

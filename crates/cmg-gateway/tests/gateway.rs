@@ -430,15 +430,7 @@ async fn settings_arrive_by_long_poll_and_token_devices_are_relayed_with_their_i
     assert!(!log.contains(&token));
 
     // Metrics.
-    let metrics = reqwest::get(format!(
-        "http://{}/metrics",
-        h.gateway.metrics_addr().unwrap()
-    ))
-    .await
-    .unwrap()
-    .text()
-    .await
-    .unwrap();
+    let metrics = metrics(&h).await;
     assert!(
         metrics.contains("cmg_gateway_requests_total{endpoint=\"/CCM_STS\",status=\"200\"} 1"),
         "{metrics}"
@@ -447,15 +439,11 @@ async fn settings_arrive_by_long_poll_and_token_devices_are_relayed_with_their_i
     assert!(metrics.contains("cmg_gateway_tunnels 1"));
     assert!(metrics.contains("cmg_gateway_settings_version 2"));
     // The device's keep-alive connection is open; devices speak HTTP/1.1 unless HTTP/2 is on.
-    let open = |protocol: &str| -> u64 {
-        let prefix = format!("cmg_gateway_device_connections{{protocol=\"{protocol}\"}} ");
-        metrics
-            .lines()
-            .find_map(|line| line.strip_prefix(&prefix)?.parse().ok())
-            .unwrap_or_else(|| panic!("no {prefix}in {metrics}"))
-    };
-    assert!(open("http/1.1") >= 1, "{metrics}");
-    assert_eq!(open("h2"), 0, "{metrics}");
+    assert!(
+        open_device_connections(&metrics, "http/1.1") >= 1,
+        "{metrics}"
+    );
+    assert_eq!(open_device_connections(&metrics, "h2"), 0, "{metrics}");
 
     connector.stop();
     h.gateway.shutdown().await;
@@ -1032,9 +1020,9 @@ async fn the_crl_at_a_device_certificates_distribution_point_is_fetched_and_appl
     h.gateway.shutdown().await;
 }
 
-/// Open device connections of a protocol, as the metrics say.
-async fn open_device_connections(h: &Harness, protocol: &str) -> u64 {
-    let metrics = reqwest::get(format!(
+/// The gateway's Prometheus text.
+async fn metrics(h: &Harness) -> String {
+    reqwest::get(format!(
         "http://{}/metrics",
         h.gateway.metrics_addr().unwrap()
     ))
@@ -1042,7 +1030,11 @@ async fn open_device_connections(h: &Harness, protocol: &str) -> u64 {
     .unwrap()
     .text()
     .await
-    .unwrap();
+    .unwrap()
+}
+
+/// Open device connections of a protocol, as the metrics say.
+fn open_device_connections(metrics: &str, protocol: &str) -> u64 {
     let prefix = format!("cmg_gateway_device_connections{{protocol=\"{protocol}\"}} ");
     metrics
         .lines()
@@ -1066,11 +1058,11 @@ async fn an_idle_http2_device_connection_is_closed_like_an_http1_one() {
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_secs(4)).await;
         client.get(&metadata).send().await.unwrap();
-        assert_eq!(open_device_connections(&h, "h2").await, 1);
+        assert_eq!(open_device_connections(&metrics(&h).await, "h2"), 1);
     }
     // ...closed after 10 s without one (the client keeps its side open as long as it likes).
     let quiet = std::time::Instant::now();
-    while open_device_connections(&h, "h2").await > 0 {
+    while open_device_connections(&metrics(&h).await, "h2") > 0 {
         assert!(
             quiet.elapsed() < Duration::from_secs(13),
             "an idle HTTP/2 connection stayed open"
