@@ -46,7 +46,7 @@ use cmg_testkit::{TestCmg, TestDevice, TestSite};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use reqwest::header::{AUTHORIZATION, HeaderValue};
+use hyper::header::{AUTHORIZATION, HOST, HeaderValue};
 use serde_json::json;
 
 /// Device connections sending at once (each its own certificate and keep-alive connection).
@@ -161,20 +161,228 @@ fn ms(d: Duration) -> f64 {
 // ---------------------------------------------------------------------------------------------
 // Parts 1 and 2: relayed requests.
 
-/// One device's request: its HTTPS client (one keep-alive connection), URL and token.
+/// One device's connections as the load generator holds them: hyper's client over rustls,
+/// opened when needed and reused, as an HTTPS client's pool does. The generator shares the
+/// machine's two cores with the roles it measures, so per request it does HTTP and TLS and
+/// nothing else: no URL parsing, redirect policy or per-request timer (reqwest, used before,
+/// took about a tenth of a relayed request's CPU for those).
+struct Device {
+    addr: SocketAddr,
+    name: rustls::pki_types::ServerName<'static>,
+    tls: Arc<rustls::ClientConfig>,
+    proto: Proto,
+    /// Connections ready for a request; an HTTP/2 one is shared, an HTTP/1.1 one is taken.
+    idle: Mutex<Vec<Sender>>,
+}
+
+enum Sender {
+    Http1(hyper::client::conn::http1::SendRequest<Empty<Bytes>>),
+    Http2(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
+}
+
+impl Sender {
+    fn is_closed(&self) -> bool {
+        match self {
+            Sender::Http1(s) => s.is_closed(),
+            Sender::Http2(s) => s.is_closed(),
+        }
+    }
+}
+
+/// A TLS connection to `addr` speaking `proto`, driven by a task of its own.
+async fn connect(
+    addr: SocketAddr,
+    name: rustls::pki_types::ServerName<'static>,
+    config: Arc<rustls::ClientConfig>,
+    proto: Proto,
+) -> Result<(Sender, tokio::task::JoinHandle<()>), String> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("TLS: {e}"))?;
+    let io = TokioIo::new(tls);
+    Ok(match proto {
+        Proto::Http1 => {
+            let (sender, connection) = hyper::client::conn::http1::handshake(io)
+                .await
+                .map_err(|e| format!("HTTP/1.1: {e}"))?;
+            let task = tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            (Sender::Http1(sender), task)
+        }
+        Proto::Http2 => {
+            let (sender, connection) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                    .await
+                    .map_err(|e| format!("HTTP/2: {e}"))?;
+            let task = tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            (Sender::Http2(sender), task)
+        }
+    })
+}
+
+impl Device {
+    fn new(device: &TestDevice, proto: Proto) -> Arc<Device> {
+        let (host, addr, root) = device.endpoint();
+        let tls = cmg_pki::tls::client_config(
+            device.credential.cert_pem(),
+            device.credential.key_pem(),
+            &[root],
+            &[proto.alpn()],
+        )
+        .expect("device TLS configuration");
+        Arc::new(Device {
+            addr,
+            name: rustls::pki_types::ServerName::try_from(host).expect("server name"),
+            tls,
+            proto,
+            idle: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// A connection ready for a request: an idle one, or a new one.
+    async fn take(&self) -> Result<Sender, String> {
+        loop {
+            let reused = {
+                let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+                idle.retain(|s| !s.is_closed());
+                match idle.last() {
+                    Some(Sender::Http2(shared)) => Some(Sender::Http2(shared.clone())),
+                    Some(Sender::Http1(_)) => idle.pop(),
+                    None => None,
+                }
+            };
+            let Some(sender) = reused else {
+                let (sender, _task) =
+                    connect(self.addr, self.name.clone(), Arc::clone(&self.tls), self.proto)
+                        .await?;
+                if let Sender::Http2(shared) = &sender {
+                    self.put(Sender::Http2(shared.clone()));
+                }
+                return Ok(sender);
+            };
+            // An HTTP/1.1 connection becomes ready once its task has seen the last answer end.
+            if let Sender::Http1(mut one) = sender {
+                if one.ready().await.is_ok() {
+                    return Ok(Sender::Http1(one));
+                }
+                continue;
+            }
+            return Ok(sender);
+        }
+    }
+
+    fn put(&self, sender: Sender) {
+        self.idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(sender);
+    }
+
+    /// Closes the idle connections (each closes once its task sees its handle dropped).
+    fn close_idle(&self) {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+}
+
+/// One device's request: its connections, the request URI (origin form for HTTP/1.1, with the
+/// authority for HTTP/2) and its token.
 struct Target {
-    client: reqwest::Client,
-    url: String,
+    device: Arc<Device>,
+    uri: hyper::Uri,
+    host: HeaderValue,
     auth: HeaderValue,
+}
+
+impl Target {
+    fn new(device: &Arc<Device>, path_and_query: &str, auth: &HeaderValue) -> Arc<Target> {
+        let authority = match device.addr.port() {
+            443 => device_host(device),
+            port => format!("{}:{port}", device_host(device)),
+        };
+        let uri = match device.proto {
+            Proto::Http1 => path_and_query.parse(),
+            Proto::Http2 => format!("https://{authority}{path_and_query}").parse(),
+        }
+        .expect("request URI");
+        Arc::new(Target {
+            device: Arc::clone(device),
+            uri,
+            host: HeaderValue::from_str(&authority).expect("host header"),
+            auth: auth.clone(),
+        })
+    }
+
+    /// Sends the request and reads the whole answer: its status and HTTP version.
+    async fn request(&self) -> Result<(hyper::StatusCode, hyper::Version), String> {
+        let mut request = hyper::Request::get(self.uri.clone())
+            .header(AUTHORIZATION, self.auth.clone())
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let response = match self.device.take().await? {
+            Sender::Http1(mut sender) => {
+                request.headers_mut().insert(HOST, self.host.clone());
+                let response = sender.send_request(request).await;
+                let response = read(response).await;
+                if response.is_ok() {
+                    self.device.put(Sender::Http1(sender));
+                }
+                response
+            }
+            Sender::Http2(mut sender) => read(sender.send_request(request).await).await,
+        }?;
+        Ok(response)
+    }
+}
+
+fn device_host(device: &Device) -> String {
+    match &device.name {
+        rustls::pki_types::ServerName::DnsName(name) => name.as_ref().to_owned(),
+        rustls::pki_types::ServerName::IpAddress(_) => device.addr.ip().to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+async fn read(
+    response: hyper::Result<hyper::Response<hyper::body::Incoming>>,
+) -> Result<(hyper::StatusCode, hyper::Version), String> {
+    let response = response.map_err(|e| format!("request: {e}"))?;
+    let (status, version) = (response.status(), response.version());
+    response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("body: {e}"))?;
+    Ok((status, version))
 }
 
 type Targets = Arc<Vec<Arc<Target>>>;
 
-/// Waits until the connections no run is using have closed: past the clients' 5 s idle time,
-/// then until this process's file descriptors stop changing (at most 15 s in all).
+/// The path part of a device's base URL (`/CCM_Proxy_MutualAuth/<MP>` through the gateway).
+fn base_path(device: &TestDevice) -> &str {
+    let rest = device.base.trim_start_matches("https://");
+    rest.find('/').map_or("", |slash| &rest[slash..])
+}
+
+/// Closes the idle connections of `targets` (at the end of each run and of the set-up).
+fn close_idle(targets: &Targets) {
+    for target in targets.iter() {
+        target.device.close_idle();
+    }
+}
+
+/// Waits until this process's file descriptors stop changing (at most 15 s): the connections
+/// of the run before, closed by [`close_idle`], must be gone before the next run, or hundreds
+/// of them closing inside it would be measured as its latency.
 fn settle() {
     let started = Instant::now();
-    std::thread::sleep(Duration::from_millis(5_500));
     let mut last = open_fds(std::process::id());
     let mut steady = 0;
     while steady < 4 && started.elapsed() < Duration::from_secs(15) {
@@ -201,17 +409,10 @@ async fn prime(targets: &Targets) {
 
 /// Sends the request and reads the whole answer; `true` on a 2xx.
 async fn send(target: &Target) -> bool {
-    let Ok(response) = target
-        .client
-        .get(&target.url)
-        .header(AUTHORIZATION, target.auth.clone())
-        .send()
+    target
+        .request()
         .await
-    else {
-        return false;
-    };
-    let ok = response.status().is_success();
-    response.bytes().await.is_ok() && ok
+        .is_ok_and(|(status, _)| status.is_success())
 }
 
 struct Setup {
@@ -273,28 +474,23 @@ async fn setup() -> Setup {
             (&via_gateway, &mut gateway_policy, &mut gateway_location),
             (&direct, &mut direct_policy, &mut direct_location),
         ] {
-            policy.push(Arc::new(Target {
-                client: device.client().clone(),
-                url: format!("{}{}", device.base, mp::POLICY),
-                auth: auth.clone(),
-            }));
-            location.push(Arc::new(Target {
-                client: device.client().clone(),
-                url: format!("{}{}?MPLIST", device.base, mp::LOCATION),
-                auth: auth.clone(),
-            }));
+            // Policy and location share the device's HTTP/2 connection.
+            let prefix = base_path(device);
+            let conns = Device::new(device, Proto::Http2);
+            policy.push(Target::new(&conns, &format!("{prefix}{}", mp::POLICY), &auth));
+            location.push(Target::new(
+                &conns,
+                &format!("{prefix}{}?MPLIST", mp::LOCATION),
+                &auth,
+            ));
         }
         for (device, policy) in [
             (&via_gateway, &mut gateway_policy_h1_many),
             (&direct, &mut direct_policy_h1_many),
         ] {
+            let path = format!("{}{}", base_path(device), mp::POLICY);
             for _ in 0..H1_LATENCY_CLIENTS_PER_DEVICE {
-                let device = device.speaking_http1();
-                policy.push(Arc::new(Target {
-                    client: device.client().clone(),
-                    url: format!("{}{}", device.base, mp::POLICY),
-                    auth: auth.clone(),
-                }));
+                policy.push(Target::new(&Device::new(device, Proto::Http1), &path, &auth));
             }
         }
     }
@@ -336,18 +532,11 @@ async fn setup() -> Setup {
     ] {
         let mut version = None;
         for target in targets.iter() {
-            let response = target
-                .client
-                .get(&target.url)
-                .header(AUTHORIZATION, target.auth.clone())
-                .send()
-                .await
-                .expect("request");
-            let status = response.status();
-            version = Some(response.version());
-            let body = response.text().await.unwrap_or_default();
-            assert!(status.is_success(), "{label}: {status} {body}");
+            let (status, spoken) = target.request().await.expect("request");
+            version = Some(spoken);
+            assert!(status.is_success(), "{label}: {status}");
         }
+        close_idle(targets);
         println!(
             "setup: {label}: {} connections answer 200 ({:?})",
             targets.len(),
@@ -534,6 +723,7 @@ async fn closed_loop(targets: Targets, warm: Duration, measure: Duration) -> Clo
             abort.abort();
         }
     }
+    close_idle(&targets);
     let ok = ok1 - ok0;
     Closed {
         rate: ok as f64 / elapsed.as_secs_f64(),
@@ -672,6 +862,7 @@ fn open_loop(
         std::thread::sleep(Duration::from_millis(10));
     }
     let samples = std::mem::take(&mut *samples.lock().unwrap_or_else(|p| p.into_inner()));
+    close_idle(targets);
     let measured: Vec<&Sample> = samples.iter().filter(|s| s.index >= warm_count).collect();
     // `CMG_BENCH_SAMPLES=FILE`: every measured request as `due_ms,latency_ms,ok` (appended),
     // to see when the slow ones happen.
@@ -739,12 +930,9 @@ fn latency_pair(
         (format!("direct MP, {devices}"), direct),
         (format!("gateway+tunnel, {devices}"), gateway),
     ] {
-        // The connections of the run before are closed first: idle, they close after 5 s
-        // (clients) or 10 s (servers), and hundreds of them closing inside the next run would
-        // be measured as that run's latency.
+        // The connections of the run before (closed at its end) gone, and every connection of
+        // this run up, before the schedule starts.
         settle();
-        // Every connection up before the schedule starts (HTTP/1.1 ones idle for 10 s were
-        // closed by the gateway, as they would be for a device).
         rt.block_on(prime(targets));
         std::thread::sleep(Duration::from_millis(500));
         let run = open_loop(rt, targets, rate, warm, secs);
@@ -892,7 +1080,7 @@ impl Proto {
 
 /// An open device connection: the request handle and the task driving the connection.
 struct Conn {
-    _sender: Box<dyn std::any::Any + Send>,
+    _sender: Sender,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -901,53 +1089,27 @@ async fn open_idle(
     config: Arc<rustls::ClientConfig>,
     proto: Proto,
 ) -> Result<Conn, String> {
-    let tcp = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    let _ = tcp.set_nodelay(true);
     let name = rustls::pki_types::ServerName::try_from(FQDN).expect("server name");
-    let tls = tokio_rustls::TlsConnector::from(config)
-        .connect(name, tcp)
-        .await
-        .map_err(|e| format!("TLS: {e}"))?;
-    let io = TokioIo::new(tls);
-    let (sender, task, response): (Box<dyn std::any::Any + Send>, _, _) = match proto {
-        Proto::Http1 => {
-            let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
-                .await
-                .map_err(|e| format!("HTTP/1.1: {e}"))?;
-            let task = tokio::spawn(async move {
-                let _ = connection.await;
-            });
+    let (sender, task) = connect(addr, name, config, proto).await?;
+    let answer = match sender {
+        Sender::Http1(mut sender) => {
             let request = hyper::Request::get(METADATA)
-                .header(hyper::header::HOST, FQDN)
+                .header(HOST, FQDN)
                 .body(Empty::<Bytes>::new())
                 .expect("request");
-            let response = sender.send_request(request).await;
-            (Box::new(sender), task, response)
+            let answer = read(sender.send_request(request).await).await;
+            (Sender::Http1(sender), answer)
         }
-        Proto::Http2 => {
-            let (mut sender, connection) =
-                hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
-                    .await
-                    .map_err(|e| format!("HTTP/2: {e}"))?;
-            let task = tokio::spawn(async move {
-                let _ = connection.await;
-            });
+        Sender::Http2(mut sender) => {
             let request = hyper::Request::get(format!("https://{FQDN}{METADATA}"))
                 .body(Empty::<Bytes>::new())
                 .expect("request");
-            let response = sender.send_request(request).await;
-            (Box::new(sender), task, response)
+            let answer = read(sender.send_request(request).await).await;
+            (Sender::Http2(sender), answer)
         }
     };
-    let response = response.map_err(|e| format!("request: {e}"))?;
-    let status = response.status();
-    response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| format!("body: {e}"))?;
+    let (sender, answer) = answer;
+    let (status, _) = answer?;
     if !status.is_success() {
         task.abort();
         return Err(format!("ServiceMetadata answered {status}"));

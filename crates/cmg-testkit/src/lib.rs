@@ -219,6 +219,27 @@ impl TestDevice {
             .expect("https client")
     }
 
+    /// Where this device connects and what it trusts: the TLS server name, the address and the
+    /// root (PEM), for a load generator that drives its own connections.
+    pub fn endpoint(&self) -> (String, std::net::SocketAddr, &str) {
+        let (host, addr) = match &self.resolve {
+            Some((host, addr)) => (host.clone(), *addr),
+            None => {
+                let authority = self
+                    .base
+                    .trim_start_matches("https://")
+                    .split('/')
+                    .next()
+                    .unwrap_or_default();
+                let addr: std::net::SocketAddr = authority
+                    .parse()
+                    .expect("a device without a resolve override has an IP address in its base");
+                (addr.ip().to_string(), addr)
+            }
+        };
+        (host, addr, &self.root_pem)
+    }
+
     /// The same device on HTTP/1.1 connections (as Configuration Manager clients speak), with a
     /// connection pool of its own.
     pub fn speaking_http1(&self) -> TestDevice {
