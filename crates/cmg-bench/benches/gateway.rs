@@ -45,8 +45,8 @@ use cmg_proto::mp;
 use cmg_testkit::{TestCmg, TestDevice, TestSite};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper::header::{AUTHORIZATION, HOST, HeaderValue};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
 
 /// Device connections sending at once (each its own certificate and keep-alive connection).
@@ -260,9 +260,13 @@ impl Device {
                 }
             };
             let Some(sender) = reused else {
-                let (sender, _task) =
-                    connect(self.addr, self.name.clone(), Arc::clone(&self.tls), self.proto)
-                        .await?;
+                let (sender, _task) = connect(
+                    self.addr,
+                    self.name.clone(),
+                    Arc::clone(&self.tls),
+                    self.proto,
+                )
+                .await?;
                 if let Sender::Http2(shared) = &sender {
                     self.put(Sender::Http2(shared.clone()));
                 }
@@ -477,7 +481,11 @@ async fn setup() -> Setup {
             // Policy and location share the device's HTTP/2 connection.
             let prefix = base_path(device);
             let conns = Device::new(device, Proto::Http2);
-            policy.push(Target::new(&conns, &format!("{prefix}{}", mp::POLICY), &auth));
+            policy.push(Target::new(
+                &conns,
+                &format!("{prefix}{}", mp::POLICY),
+                &auth,
+            ));
             location.push(Target::new(
                 &conns,
                 &format!("{prefix}{}?MPLIST", mp::LOCATION),
@@ -490,7 +498,11 @@ async fn setup() -> Setup {
         ] {
             let path = format!("{}{}", base_path(device), mp::POLICY);
             for _ in 0..H1_LATENCY_CLIENTS_PER_DEVICE {
-                policy.push(Target::new(&Device::new(device, Proto::Http1), &path, &auth));
+                policy.push(Target::new(
+                    &Device::new(device, Proto::Http1),
+                    &path,
+                    &auth,
+                ));
             }
         }
     }
