@@ -11,6 +11,8 @@
 //!    its default tunnels per instance and does not log every URL (not verbose), as deployed.
 //!    Besides the rate, each run reports the CPU time of the whole process per request, which
 //!    other load on the machine moves far less than the rate.
+//!    The load generator is lean (hyper's client connections over rustls, see [`Device`]): it
+//!    shares the two cores with the roles it measures.
 //! 2. **Added latency at a fixed offered rate**: an open-loop load generator (a pacer sends on
 //!    a fixed schedule whatever the responses do, so a slow response never delays the next
 //!    send) against the MP directly and through the gateway; latency is measured from each

@@ -17,6 +17,7 @@
 //!
 //! It must not authenticate devices (the gateway does, and the MP again) nor store anything.
 
+mod mp_client;
 mod relay;
 mod report;
 mod tunnel;
@@ -137,8 +138,6 @@ pub enum ConnectorError {
     },
     #[error(transparent)]
     Pki(#[from] cmg_pki::PkiError),
-    #[error("cannot build the HTTPS client for the management points: {0}")]
-    Client(String),
     #[error("cannot open the connection point log in {path}: {source}")]
     Log {
         path: String,
@@ -192,17 +191,10 @@ impl Connector {
                     source,
                 }
             })?;
-        let mp_client = reqwest::Client::builder()
-            .tls_certs_only([reqwest::Certificate::from_pem(site_root.as_bytes())
-                .map_err(|e| ConnectorError::Client(e.to_string()))?])
-            .identity(
-                reqwest::Identity::from_pem(format!("{key_pem}{cert_pem}").as_bytes())
-                    .map_err(|e| ConnectorError::Client(e.to_string()))?,
-            )
-            .timeout(Duration::from_secs(30))
-            .http1_only()
-            .build()
-            .map_err(|e| ConnectorError::Client(e.to_string()))?;
+        let mp_client = mp_client::MpClient::new(
+            cmg_pki::tls::client_config(&cert_pem, &key_pem, &[&site_root], &[b"http/1.1"])?,
+            relay::MAX_REPLY,
+        );
         let (removed_tx, removed) = watch::channel(false);
         let trust = tokio::spawn(watch_trust(
             state.clone(),

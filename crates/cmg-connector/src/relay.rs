@@ -17,10 +17,12 @@ use hyper::body::Body;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode, header};
 
+use crate::mp_client::{MpCallError, MpClient};
+
 /// Largest device request body relayed (the MP's own limit).
 const MAX_BODY: usize = cmg_site::mp::MAX_BODY_BYTES;
 /// Largest MP answer relayed (policy with every setting is a few KiB).
-const MAX_REPLY: usize = 16 * 1024 * 1024;
+pub(crate) const MAX_REPLY: usize = 16 * 1024 * 1024;
 
 /// Headers passed from the gateway to the MP; everything else is dropped.
 const FORWARDED: [&str; 7] = [
@@ -37,7 +39,7 @@ pub(crate) struct Relay {
     site: Arc<Site>,
     state: StateWatch,
     cmg: String,
-    mp_client: reqwest::Client,
+    mp_client: MpClient,
     /// Management points of this process, called without the TLS hop.
     in_process: Vec<InProcessMp>,
     log: ComponentLog,
@@ -65,7 +67,7 @@ impl Relay {
         site: Arc<Site>,
         state: StateWatch,
         cmg: String,
-        mp_client: reqwest::Client,
+        mp_client: MpClient,
         in_process: Vec<InProcessMp>,
         log: ComponentLog,
         verbose: bool,
@@ -254,7 +256,10 @@ impl Relay {
                 Some(local) => Ok(self
                     .call_in_process(local, &parts, &path_and_query, &body)
                     .await),
-                None => self.call_over_tls(&url(), &parts, &body).await,
+                None => {
+                    self.call_over_tls(&mp.url, &parts, &path_and_query, &body)
+                        .await
+                }
             };
             match sent {
                 Ok(reply) => {
@@ -267,8 +272,8 @@ impl Relay {
                 }
                 Err(e) if e.is_connect() => {
                     self.log.warn(&format!(
-                        "Management point {} at {} is unreachable: {e}; trying the next one",
-                        mp.role_id, mp.url
+                        "Management point {} is unreachable ({e}); trying the next one",
+                        mp.role_id
                     ));
                 }
                 Err(e) => {
@@ -304,22 +309,22 @@ impl Relay {
 
     async fn call_over_tls(
         &self,
-        url: &str,
+        mp_url: &str,
         parts: &hyper::http::request::Parts,
+        path_and_query: &str,
         body: &Bytes,
-    ) -> Result<Reply, reqwest::Error> {
-        let mut outgoing = self
+    ) -> Result<Reply, MpCallError> {
+        let (head, body) = self
             .mp_client
-            .request(parts.method.clone(), url)
-            .body(body.clone());
-        for (name, value) in Self::forwarded(parts) {
-            outgoing = outgoing.header(name, value.clone());
-        }
-        let response = outgoing.send().await?;
-        let status = response.status();
-        let headers = response.headers().clone();
-        let body = response.bytes().await.unwrap_or_default();
-        Ok(answer(status, &headers, body))
+            .call(
+                mp_url,
+                parts.method.clone(),
+                path_and_query,
+                Self::forwarded(parts),
+                body.clone(),
+            )
+            .await?;
+        Ok(answer(head.status, &head.headers, body))
     }
 
     async fn call_in_process(

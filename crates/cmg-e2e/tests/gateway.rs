@@ -544,6 +544,54 @@ async fn with_the_mp_in_process_the_relay_keeps_every_rule() {
     assert!(log.contains(&expected), "no '{expected}' in:\n{log}");
 }
 
+#[tokio::test]
+async fn a_management_point_that_cannot_be_reached_is_skipped_for_the_next_one() {
+    let site = TestSite::start(cmg_store::testing::sqlite_store().await).await;
+    // A second MP that accepts CMG traffic, at a loopback port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let admin = site.admin().await;
+    let down = admin
+        .add_management_point("MP-DOWN", &format!("https://{closed}"), true, None)
+        .await
+        .unwrap();
+    site.settled().await;
+    let cmg = site.cmg(1).await;
+    let bulk = admin.new_bulk_token(Default::default()).await.unwrap();
+    let device = cmg.device(0, "skip-1");
+    let (_, token) = device.register_ok(Some(bulk.token.expose())).await;
+    // Addressed to the MP that is down: nothing reaches it, so the reachable MP answers.
+    let (proxy, _) = device.base.rsplit_once('/').unwrap();
+    let url = format!("{proxy}/{}{}", down.role_id, cmg_proto::mp::POLICY);
+    for _ in 0..3 {
+        let response = device
+            .client()
+            .get(&url)
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        assert_eq!(status, StatusCode::OK, "{}", response.text().await.unwrap());
+    }
+    let log = std::fs::read_to_string(
+        site.site()
+            .data()
+            .logs_dir()
+            .join("SMS_Cloud_ProxyConnector.log"),
+    )
+    .unwrap();
+    let expected = format!(
+        "Management point {} is unreachable (cannot connect to https://{closed}:",
+        down.role_id
+    );
+    assert!(log.contains(&expected), "no '{expected}' in:\n{log}");
+    cmg.shutdown().await;
+    site.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // PKI client certificates from a customer CA, and that CA's CRL (DESIGN §4, first row).
 
