@@ -529,13 +529,7 @@ async fn with_the_mp_in_process_the_relay_keeps_every_rule() {
     let (status, renewed) = device.renew(Some(&token)).await;
     assert_eq!(status, StatusCode::OK, "{renewed}");
 
-    let log = std::fs::read_to_string(
-        site.site()
-            .data()
-            .logs_dir()
-            .join("SMS_Cloud_ProxyConnector.log"),
-    )
-    .unwrap();
+    let log = connector_log(&site);
     let expected = format!(
         "Switched to internal URL {}{} (in process)",
         site.mp_url(),
@@ -576,13 +570,7 @@ async fn a_management_point_that_cannot_be_reached_is_skipped_for_the_next_one()
         let status = response.status();
         assert_eq!(status, StatusCode::OK, "{}", response.text().await.unwrap());
     }
-    let log = std::fs::read_to_string(
-        site.site()
-            .data()
-            .logs_dir()
-            .join("SMS_Cloud_ProxyConnector.log"),
-    )
-    .unwrap();
+    let log = connector_log(&site);
     let expected = format!(
         "Management point {} is unreachable (cannot connect to https://{closed}:",
         down.role_id
@@ -590,6 +578,16 @@ async fn a_management_point_that_cannot_be_reached_is_skipped_for_the_next_one()
     assert!(log.contains(&expected), "no '{expected}' in:\n{log}");
     cmg.shutdown().await;
     site.shutdown().await;
+}
+
+/// The site's connection point log.
+fn connector_log(site: &TestSite) -> String {
+    let path = site
+        .site()
+        .data()
+        .logs_dir()
+        .join("SMS_Cloud_ProxyConnector.log");
+    std::fs::read_to_string(path).unwrap()
 }
 
 // ---------------------------------------------------------------------------------------------
