@@ -824,8 +824,6 @@ struct OpenLoop {
     /// File descriptors this process gained during the run: new device connections (both
     /// ends, as the gateway runs here too) opened because every one of a device's was busy.
     fds_gained: i64,
-    /// Pauses of the machine while the measured requests ran.
-    pauses: Pauses,
 }
 
 /// Sends `rate` requests/s for `warm + secs` seconds on a fixed schedule, round-robin over the
@@ -842,7 +840,6 @@ fn open_loop(
     let samples: Arc<Mutex<Vec<Sample>>> = Arc::new(Mutex::new(Vec::with_capacity(total as usize)));
     let handle = rt.handle().clone();
     let fds_before = open_fds(std::process::id());
-    let pauses = PauseWatch::start();
     let start = Instant::now() + Duration::from_millis(20);
     // The pacer is this (non-runtime) thread: it sleeps until each request is due and hands it
     // to the runtime; when it is behind, it sends at once to catch up with the schedule.
@@ -879,7 +876,6 @@ fn open_loop(
         std::thread::sleep(Duration::from_millis(10));
     }
     let samples = std::mem::take(&mut *samples.lock().unwrap_or_else(|p| p.into_inner()));
-    let pauses = pauses.stop();
     // Connections opened (+) or closed (−) while the schedule ran, before this run's own close.
     let fds_gained = open_fds(std::process::id()) as i64 - fds_before as i64;
     close_idle(targets);
@@ -933,85 +929,6 @@ fn open_loop(
         start_lag,
         sustained: failed == 0 && achieved >= 0.95 * rate as f64,
         fds_gained,
-        pauses: pauses.between(first_due, last_done),
-    }
-}
-
-/// Watches for pauses of the whole machine during a run: a thread at real-time priority (when
-/// the process may have it) wakes every millisecond and notes how late it woke. At that priority
-/// it is late only when its vCPU did not run (the hypervisor) or the kernel did work that cannot
-/// be preempted, and such a pause delays every request in flight, whatever its path. Counted
-/// beside each latency run, it tells a slow tail of this machine from one of the code.
-struct PauseWatch {
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    thread: std::thread::JoinHandle<(bool, Vec<(Instant, Duration)>)>,
-}
-
-/// A late wake-up of at least this much counts as a pause.
-const PAUSE: Duration = Duration::from_millis(1);
-
-impl PauseWatch {
-    fn start() -> PauseWatch {
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let stopped = Arc::clone(&stop);
-        let thread = std::thread::spawn(move || {
-            let param = libc::sched_param { sched_priority: 10 };
-            // SAFETY: sets this thread's own scheduling policy; `param` outlives the call.
-            let realtime = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } == 0;
-            let tick = Duration::from_millis(1);
-            let mut pauses = Vec::new();
-            let mut last = Instant::now();
-            while !stopped.load(Ordering::Relaxed) {
-                std::thread::sleep(tick);
-                let now = Instant::now();
-                let late = now.saturating_duration_since(last + tick);
-                if late >= PAUSE {
-                    pauses.push((last + tick, late));
-                }
-                last = now;
-            }
-            (realtime, pauses)
-        });
-        PauseWatch { stop, thread }
-    }
-
-    fn stop(self) -> Pauses {
-        self.stop.store(true, Ordering::Relaxed);
-        let (realtime, seen) = self.thread.join().unwrap_or_default();
-        Pauses { realtime, seen }
-    }
-}
-
-/// The pauses a [`PauseWatch`] saw: when each began and how long it was.
-struct Pauses {
-    /// Whether the watch ran at real-time priority; at normal priority a pause may also be this
-    /// process's own load keeping it from a core.
-    realtime: bool,
-    seen: Vec<(Instant, Duration)>,
-}
-
-impl Pauses {
-    fn between(self, from: Instant, to: Instant) -> Pauses {
-        Pauses {
-            realtime: self.realtime,
-            seen: self
-                .seen
-                .into_iter()
-                .filter(|(at, _)| (from..=to).contains(at))
-                .collect(),
-        }
-    }
-
-    fn count(&self) -> usize {
-        self.seen.len()
-    }
-
-    fn longest(&self) -> Duration {
-        self.seen.iter().map(|(_, d)| *d).max().unwrap_or_default()
-    }
-
-    fn total(&self) -> Duration {
-        self.seen.iter().map(|(_, d)| *d).sum()
     }
 }
 
@@ -1040,8 +957,7 @@ fn latency_pair(
             "latency     {label:<24} offered {rate:>6}/s achieved {:>7.0}/s{}  ok {} failed {}  \
              p50 {:.3} ms  p90 {:.3} ms  p99 {:.3} ms  max {:.3} ms  \
              (from task start: p50 {:.3} ms p99 {:.3} ms; task start lag p99 {:.3} ms; \
-             file descriptors gained {}; machine pauses ≥ 1 ms{}: {}, longest {:.1} ms, \
-             {:.1} ms in all)",
+             file descriptors gained {})",
             run.achieved,
             if run.sustained {
                 ""
@@ -1058,14 +974,6 @@ fn latency_pair(
             ms(run.service.p99),
             ms(run.start_lag.p99),
             run.fds_gained,
-            if run.pauses.realtime {
-                ""
-            } else {
-                " (watch not real-time: includes load)"
-            },
-            run.pauses.count(),
-            ms(run.pauses.longest()),
-            ms(run.pauses.total()),
         );
         println!(
             "{}",
@@ -1075,10 +983,7 @@ fn latency_pair(
                    "secs": secs, "p50_ms": ms(i.p50), "p90_ms": ms(i.p90),
                    "p99_ms": ms(i.p99), "max_ms": ms(i.max),
                    "service_p50_ms": ms(run.service.p50), "service_p99_ms": ms(run.service.p99),
-                   "start_lag_p99_ms": ms(run.start_lag.p99),
-                   "machine_pauses": run.pauses.count(),
-                   "machine_pause_longest_ms": ms(run.pauses.longest()),
-                   "machine_pause_total_ms": ms(run.pauses.total())})
+                   "start_lag_p99_ms": ms(run.start_lag.p99)})
         );
         runs.push(run);
     }
