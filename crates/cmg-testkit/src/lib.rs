@@ -388,7 +388,8 @@ pub struct TestCmg {
     mp_role_id: i64,
     site: Arc<Site>,
     state: cmg_site::StateWatch,
-    _dir: tempfile::TempDir,
+    /// Gateway logs (`logs-N`) and certificates.
+    dir: tempfile::TempDir,
 }
 
 impl TestSite {
@@ -504,7 +505,7 @@ impl TestSite {
             mp_role_id: self.mp_role_id(),
             site: Arc::clone(self.site()),
             state: self.server().state().clone(),
-            _dir: dir,
+            dir,
         };
         cmg.start_connector().await;
         cmg
@@ -587,6 +588,16 @@ impl TestCmg {
             &self.fqdn,
             addr,
         )
+    }
+
+    /// `CMGHttpHandler.log` of gateway `instance` (0-based, as [`TestCmg::device`]).
+    pub fn gateway_log(&self, instance: usize) -> String {
+        let path = self
+            .dir
+            .path()
+            .join(format!("logs-{}", instance + 1))
+            .join(format!("{}.log", cmg_gateway::HANDLER_LOG));
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
     }
 
     pub async fn shutdown(mut self) {
