@@ -66,17 +66,19 @@ impl Tunnel {
 /// [`cmg_proto::tunnel::FEATURE_AUTHORIZATION_IN_BODY`]). Returns whether it was moved.
 fn shape(request: Request<Bytes>, authorization_in_body: bool) -> (Request<Full<Bytes>>, bool) {
     let (mut parts, body) = request.into_parts();
-    if authorization_in_body
-        && let Some(authorization) = parts.headers.remove(header::AUTHORIZATION)
-    {
-        let mut carried = Vec::with_capacity(authorization.len() + body.len());
-        carried.extend_from_slice(authorization.as_bytes());
-        carried.extend_from_slice(&body);
-        parts
-            .headers
-            .insert(AUTHORIZATION_LENGTH, HeaderValue::from(authorization.len()));
-        let carried = Full::new(Bytes::from(carried));
-        return (Request::from_parts(parts, carried), true);
+    if authorization_in_body {
+        if let Some(authorization) = parts.headers.remove(header::AUTHORIZATION) {
+            let mut carried = Vec::with_capacity(authorization.len() + body.len());
+            carried.extend_from_slice(authorization.as_bytes());
+            carried.extend_from_slice(&body);
+            parts
+                .headers
+                .insert(AUTHORIZATION_LENGTH, HeaderValue::from(authorization.len()));
+            return (
+                Request::from_parts(parts, Full::new(Bytes::from(carried))),
+                true,
+            );
+        }
     }
     (Request::from_parts(parts, Full::new(body)), false)
 }
