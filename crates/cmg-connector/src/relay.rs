@@ -89,12 +89,7 @@ impl Relay {
     pub async fn handle(&self, request: Request<Incoming>) -> Reply {
         let path = request.uri().path().to_owned();
         if path == tunnel::SETTINGS {
-            let mut answer = self.settings(request.uri().query()).await;
-            answer.headers_mut().insert(
-                tunnel::FEATURES,
-                header::HeaderValue::from_static(tunnel::FEATURE_AUTHORIZATION_IN_BODY),
-            );
-            return answer;
+            return self.settings(request.uri().query()).await;
         }
         if path == tunnel::HEALTH {
             return reply(StatusCode::OK, Bytes::from_static(b"{}"));
@@ -225,15 +220,8 @@ impl Relay {
                 "use a management point from the location request",
             );
         };
-        let (mut parts, body) = request.into_parts();
-        let carried = parts.headers.contains_key(tunnel::AUTHORIZATION_LENGTH);
-        let limit = MAX_BODY
-            + if carried {
-                tunnel::MAX_AUTHORIZATION_IN_BODY
-            } else {
-                0
-            };
-        let body = match Limited::new(body, limit).collect().await {
+        let (parts, body) = request.into_parts();
+        let body = match Limited::new(body, MAX_BODY).collect().await {
             Ok(collected) => collected.to_bytes(),
             Err(_) => {
                 return error(
@@ -241,17 +229,6 @@ impl Relay {
                     "CMGConnector_Payload_Too_Large",
                     format!("the body is larger than {MAX_BODY} bytes"),
                     "send a smaller request",
-                );
-            }
-        };
-        let body = match authorization_from_body(&mut parts.headers, body) {
-            Ok(body) => body,
-            Err(reason) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "CMGConnector_Bad_Request",
-                    reason,
-                    "check that the gateway and the connection point run matching versions",
                 );
             }
         };
@@ -389,31 +366,6 @@ impl Relay {
     }
 }
 
-/// Puts an `Authorization` value the gateway carried at the start of the body (see
-/// [`tunnel::FEATURE_AUTHORIZATION_IN_BODY`]) back into the headers, sensitive, and returns the
-/// device's own body. A request without [`tunnel::AUTHORIZATION_LENGTH`] is returned unchanged.
-fn authorization_from_body(headers: &mut header::HeaderMap, body: Bytes) -> Result<Bytes, String> {
-    let Some(length) = headers.remove(tunnel::AUTHORIZATION_LENGTH) else {
-        return Ok(body);
-    };
-    if headers.contains_key(header::AUTHORIZATION) {
-        return Err(
-            "the tunnel request carries an authorization both as a header and in its body".into(),
-        );
-    }
-    let length = length
-        .to_str()
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|n| *n <= tunnel::MAX_AUTHORIZATION_IN_BODY && *n <= body.len())
-        .ok_or("the tunnel request's authorization length is not valid")?;
-    let mut value = header::HeaderValue::from_maybe_shared(body.slice(..length))
-        .map_err(|_| "the authorization carried in the tunnel request is not a header value")?;
-    value.set_sensitive(true);
-    headers.insert(header::AUTHORIZATION, value);
-    Ok(body.slice(length..))
-}
-
 /// The MP's answer as relayed back: status, body and the headers a device needs.
 fn answer(status: StatusCode, headers: &header::HeaderMap, body: Bytes) -> Reply {
     let mut builder = Response::builder().status(status);
@@ -443,79 +395,4 @@ fn error(status: StatusCode, code: &str, message: impl Into<String>, action: &st
         status,
         Bytes::from(serde_json::to_vec(&body).unwrap_or_default()),
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn carried(length: &str, body: &'static [u8]) -> (header::HeaderMap, Result<Bytes, String>) {
-        let mut headers = header::HeaderMap::new();
-        headers.insert(
-            tunnel::AUTHORIZATION_LENGTH,
-            header::HeaderValue::from_str(length).unwrap(),
-        );
-        let body = authorization_from_body(&mut headers, Bytes::from_static(body));
-        (headers, body)
-    }
-
-    #[test]
-    fn an_authorization_carried_in_the_body_goes_back_into_the_headers() {
-        let (headers, body) = carried("12", b"Bearer a.b.c{\"id\":1}");
-        assert_eq!(body.unwrap(), Bytes::from_static(b"{\"id\":1}"));
-        let value = &headers[header::AUTHORIZATION];
-        assert_eq!(value, "Bearer a.b.c");
-        assert!(value.is_sensitive());
-        assert!(!headers.contains_key(tunnel::AUTHORIZATION_LENGTH));
-
-        let (headers, body) = carried("12", b"Bearer a.b.c");
-        assert_eq!(body.unwrap(), Bytes::new(), "a GET has no body of its own");
-        assert_eq!(headers[header::AUTHORIZATION], "Bearer a.b.c");
-    }
-
-    #[test]
-    fn without_the_length_header_nothing_changes() {
-        let mut headers = header::HeaderMap::new();
-        headers.insert(
-            header::AUTHORIZATION,
-            header::HeaderValue::from_static("Bearer x"),
-        );
-        let body = authorization_from_body(&mut headers, Bytes::from_static(b"Bearer y"));
-        assert_eq!(body.unwrap(), Bytes::from_static(b"Bearer y"));
-        assert_eq!(headers[header::AUTHORIZATION], "Bearer x");
-    }
-
-    #[test]
-    fn a_length_that_does_not_fit_or_a_value_that_is_not_a_header_is_refused() {
-        for (length, body) in [
-            ("13", &b"Bearer a.b.c"[..]),
-            ("-1", b"Bearer a.b.c"),
-            ("twelve", b"Bearer a.b.c"),
-            ("16385", &[b'a'; 16385][..]),
-            ("8", b"Bearer \n."),
-        ] {
-            let mut headers = header::HeaderMap::new();
-            headers.insert(
-                tunnel::AUTHORIZATION_LENGTH,
-                header::HeaderValue::from_str(length).unwrap(),
-            );
-            let refused = authorization_from_body(&mut headers, Bytes::copy_from_slice(body));
-            assert!(refused.is_err(), "{length}");
-            assert!(!headers.contains_key(header::AUTHORIZATION), "{length}");
-        }
-        let mut headers = header::HeaderMap::new();
-        headers.insert(
-            header::AUTHORIZATION,
-            header::HeaderValue::from_static("Bearer x"),
-        );
-        headers.insert(
-            tunnel::AUTHORIZATION_LENGTH,
-            header::HeaderValue::from_static("8"),
-        );
-        let both = authorization_from_body(&mut headers, Bytes::from_static(b"Bearer y"));
-        assert!(
-            both.is_err(),
-            "a header and a carried value at once is ambiguous"
-        );
-    }
 }

@@ -4,18 +4,14 @@
 //! tunnels that are up.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use cmg_proto::tunnel::{
-    AUTHORIZATION_LENGTH, FEATURE_AUTHORIZATION_IN_BODY, FEATURES, GatewaySettings, LONG_POLL_SECS,
-    SETTINGS,
-};
+use cmg_proto::tunnel::{GatewaySettings, LONG_POLL_SECS, SETTINGS};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::client::conn::http2::SendRequest;
-use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
@@ -47,40 +43,12 @@ pub(crate) struct Tunnel {
     /// Subject of the connection point's certificate.
     pub subject: String,
     sender: SendRequest<Full<Bytes>>,
-    /// The connection point named [`FEATURE_AUTHORIZATION_IN_BODY`] in its last settings answer.
-    authorization_in_body: AtomicBool,
 }
 
 impl Tunnel {
     fn is_up(&self) -> bool {
         !self.sender.is_closed()
     }
-
-    fn takes_authorization_in_body(&self) -> bool {
-        self.authorization_in_body.load(Ordering::Relaxed)
-    }
-}
-
-/// A device request as it goes into a tunnel: the `Authorization` header moved to the start of
-/// the body when the tunnel's connection point takes it there (see
-/// [`cmg_proto::tunnel::FEATURE_AUTHORIZATION_IN_BODY`]). Returns whether it was moved.
-fn shape(request: Request<Bytes>, authorization_in_body: bool) -> (Request<Full<Bytes>>, bool) {
-    let (mut parts, body) = request.into_parts();
-    if authorization_in_body {
-        if let Some(authorization) = parts.headers.remove(header::AUTHORIZATION) {
-            let mut carried = Vec::with_capacity(authorization.len() + body.len());
-            carried.extend_from_slice(authorization.as_bytes());
-            carried.extend_from_slice(&body);
-            parts
-                .headers
-                .insert(AUTHORIZATION_LENGTH, HeaderValue::from(authorization.len()));
-            return (
-                Request::from_parts(parts, Full::new(Bytes::from(carried))),
-                true,
-            );
-        }
-    }
-    (Request::from_parts(parts, Full::new(body)), false)
 }
 
 /// The live tunnels of this gateway instance.
@@ -131,32 +99,19 @@ impl Tunnels {
 
     /// Sends a device request over the next healthy tunnel (round robin). A tunnel that closed
     /// before the request went out hands it back and the next tunnel is tried, so no request is
-    /// lost silently. A request handed back with its authorization in the body goes only to
-    /// tunnels that take it there.
+    /// lost silently.
     pub async fn send(
         &self,
-        request: Request<Bytes>,
+        mut request: Request<Full<Bytes>>,
     ) -> Result<(u64, Response<Incoming>), RelayError> {
         let snapshot = Arc::clone(&self.list.read().unwrap_or_else(|p| p.into_inner()));
         let n = snapshot.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut unshaped = Some(request);
-        let mut handed_back: Option<(Request<Full<Bytes>>, bool)> = None;
         for i in 0..n {
             let tunnel = &snapshot[(start + i) % n];
             if !tunnel.is_up() {
                 continue;
             }
-            let takes = tunnel.takes_authorization_in_body();
-            let (request, in_body) = match (unshaped.take(), handed_back.take()) {
-                (Some(request), _) => shape(request, takes),
-                (None, Some((request, in_body))) if takes || !in_body => (request, in_body),
-                (None, Some(kept)) => {
-                    handed_back = Some(kept);
-                    continue;
-                }
-                (None, None) => break,
-            };
             let mut sender = tunnel.sender.clone();
             match sender.try_send_request(request).await {
                 Ok(response) => return Ok((tunnel.id, response)),
@@ -169,7 +124,7 @@ impl Tunnels {
                             "tunnel could not take a request, trying the next: {}",
                             e.error()
                         );
-                        handed_back = Some((back, in_body));
+                        request = back;
                     }
                     None => {
                         return Err(RelayError::Upstream(Denial::new(
@@ -276,7 +231,6 @@ async fn connection(
         remote,
         subject: subject.clone(),
         sender: sender.clone(),
-        authorization_in_body: AtomicBool::new(false),
     });
     let count = shared.tunnels.add(Arc::clone(&tunnel));
     log.info(&format!(
@@ -295,24 +249,6 @@ async fn connection(
     log.warn(&format!(
         "Tunnel {id} from {remote} ({subject}) disconnected: {reason}; {count} tunnel(s) connected"
     ));
-}
-
-/// Records the features the tunnel's connection point named in a settings answer, logging a
-/// change.
-fn note_features(shared: &Shared, tunnel: &Tunnel, headers: &hyper::HeaderMap) {
-    let takes = headers
-        .get_all(FEATURES)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|feature| feature.trim() == FEATURE_AUTHORIZATION_IN_BODY);
-    if tunnel.authorization_in_body.swap(takes, Ordering::Relaxed) != takes {
-        shared.handler_log.info(&format!(
-            "Tunnel {}: the connection point {} the device's authorization in the request body",
-            tunnel.id,
-            if takes { "takes" } else { "no longer takes" }
-        ));
-    }
 }
 
 /// Keeps a settings long poll going on one tunnel for as long as it is up.
@@ -345,7 +281,6 @@ async fn poll_settings(shared: Arc<Shared>, tunnel: Arc<Tunnel>) {
                 .send_request(request)
                 .await
                 .map_err(|e| e.to_string())?;
-            note_features(&shared, &tunnel, response.headers());
             let status = response.status();
             if status == StatusCode::NO_CONTENT {
                 return Ok(None);
@@ -385,51 +320,5 @@ async fn poll_settings(shared: Arc<Shared>, tunnel: Arc<Tunnel>) {
                 ));
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn request(body: &'static [u8]) -> Request<Bytes> {
-        Request::post("https://cmg.test/CCM_Proxy_MutualAuth/1/ccm_system/request")
-            .header(header::AUTHORIZATION, "Bearer a.b.c")
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Bytes::from_static(body))
-            .unwrap()
-    }
-
-    async fn body_of(request: Request<Full<Bytes>>) -> Bytes {
-        request.into_body().collect().await.unwrap().to_bytes()
-    }
-
-    #[tokio::test]
-    async fn a_tunnel_that_takes_it_gets_the_authorization_at_the_start_of_the_body() {
-        let (shaped, in_body) = shape(request(b"{\"id\":1}"), true);
-        assert!(in_body);
-        assert!(!shaped.headers().contains_key(header::AUTHORIZATION));
-        assert_eq!(shaped.headers()[AUTHORIZATION_LENGTH], "12");
-        assert_eq!(shaped.headers()[header::CONTENT_TYPE], "application/json");
-        assert_eq!(
-            body_of(shaped).await,
-            Bytes::from_static(b"Bearer a.b.c{\"id\":1}")
-        );
-    }
-
-    #[tokio::test]
-    async fn other_tunnels_and_requests_without_authorization_are_left_as_they_are() {
-        let (shaped, in_body) = shape(request(b"{}"), false);
-        assert!(!in_body);
-        assert_eq!(shaped.headers()[header::AUTHORIZATION], "Bearer a.b.c");
-        assert!(!shaped.headers().contains_key(AUTHORIZATION_LENGTH));
-        assert_eq!(body_of(shaped).await, Bytes::from_static(b"{}"));
-
-        let bare = Request::get("https://cmg.test/x")
-            .body(Bytes::new())
-            .unwrap();
-        let (shaped, in_body) = shape(bare, true);
-        assert!(!in_body);
-        assert!(!shaped.headers().contains_key(AUTHORIZATION_LENGTH));
     }
 }

@@ -10,17 +10,6 @@
 //!   as the site's settings version is greater than `after` (at once when `after` is absent),
 //!   or `204 No Content` after [`LONG_POLL_SECS`];
 //! - `GET` [`HEALTH`]: `200` while the connection point can reach a management point.
-//!
-//! A connection point names what it takes beyond this in the [`FEATURES`] header of every
-//! settings answer; a gateway uses a feature only on tunnels whose connection point named it,
-//! so either side may be the newer during an upgrade.
-//!
-//! [`FEATURE_AUTHORIZATION_IN_BODY`]: the device's `Authorization` value travels as the first
-//! bytes of the request body, their count in [`AUTHORIZATION_LENGTH`], instead of as a header.
-//! Every device's requests share one HPACK context per tunnel, so a bearer token must never be
-//! indexed there (RFC 7541 §7.1): as a header it is Huffman-coded and decoded again on every
-//! request, a few percent of a relayed request's CPU, while body bytes are copied as they are.
-//! The connection point puts it back as the `Authorization` header for the MP.
 
 use serde::{Deserialize, Serialize};
 
@@ -30,17 +19,6 @@ pub const SETTINGS: &str = "/_cmg/settings";
 pub const HEALTH: &str = "/_cmg/health";
 /// How long a settings long poll waits before answering 204.
 pub const LONG_POLL_SECS: u64 = 25;
-/// Response header of the settings long poll: the features this connection point takes,
-/// comma-separated (unknown ones are ignored).
-pub const FEATURES: &str = "x-cmg-connector-features";
-/// See the module documentation.
-pub const FEATURE_AUTHORIZATION_IN_BODY: &str = "authorization-in-body";
-/// Request header on the tunnel: how many bytes at the start of the body are the device's
-/// `Authorization` value.
-pub const AUTHORIZATION_LENGTH: &str = "x-cmg-authorization-length";
-/// Longest `Authorization` value carried in the body (the gateway's limit for a whole request
-/// head).
-pub const MAX_AUTHORIZATION_IN_BODY: usize = 16 * 1024;
 
 /// Route prefixes a device uses through a gateway (DESIGN §5.1); both mean the same.
 pub const PROXY_PREFIXES: [&str; 2] = ["/CCM_Proxy_MutualAuth/", "/CCM_Proxy_ServerAuth/"];

@@ -388,8 +388,7 @@ pub struct TestCmg {
     mp_role_id: i64,
     site: Arc<Site>,
     state: cmg_site::StateWatch,
-    /// Gateway logs (`logs-N`) and certificates.
-    dir: tempfile::TempDir,
+    _dir: tempfile::TempDir,
 }
 
 impl TestSite {
@@ -505,7 +504,7 @@ impl TestSite {
             mp_role_id: self.mp_role_id(),
             site: Arc::clone(self.site()),
             state: self.server().state().clone(),
-            dir,
+            _dir: dir,
         };
         cmg.start_connector().await;
         cmg
@@ -588,16 +587,6 @@ impl TestCmg {
             &self.fqdn,
             addr,
         )
-    }
-
-    /// `CMGHttpHandler.log` of gateway `instance` (0-based, as [`TestCmg::device`]).
-    pub fn gateway_log(&self, instance: usize) -> String {
-        let path = self
-            .dir
-            .path()
-            .join(format!("logs-{}", instance + 1))
-            .join(format!("{}.log", cmg_gateway::HANDLER_LOG));
-        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
     }
 
     pub async fn shutdown(mut self) {
