@@ -9,7 +9,7 @@
 //! pooled connection closed before the request was written — is it sent on a new connection, or
 //! may the relay try another MP ([`MpCallError::is_connect`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -90,17 +90,18 @@ impl Target {
     }
 }
 
-/// One MP's idle connections, with when each was last used.
+/// One MP's idle connections, oldest first, with when each was last used.
 struct Pool {
     target: Target,
     name: ServerName<'static>,
-    idle: Mutex<Vec<(SendRequest<Full<Bytes>>, Instant)>>,
+    idle: Mutex<VecDeque<(SendRequest<Full<Bytes>>, Instant)>>,
 }
 
 impl Pool {
+    /// The most recently used connection, so that the others age out.
     fn take(&self) -> Option<SendRequest<Full<Bytes>>> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some((sender, since)) = idle.pop() {
+        while let Some((sender, since)) = idle.pop_back() {
             if !sender.is_closed() && since.elapsed() < POOL_IDLE {
                 return Some(sender);
             }
@@ -109,10 +110,16 @@ impl Pool {
     }
 
     fn put(&self, sender: SendRequest<Full<Bytes>>) {
+        let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.retain(|(s, since)| !s.is_closed() && since.elapsed() < POOL_IDLE);
+        // Only the oldest can have aged out; closed ones are dropped when they come up.
+        while idle.front().is_some_and(|(s, since)| {
+            s.is_closed() || now.saturating_duration_since(*since) >= POOL_IDLE
+        }) {
+            idle.pop_front();
+        }
         if idle.len() < POOL_MAX_IDLE {
-            idle.push((sender, Instant::now()));
+            idle.push_back((sender, now));
         }
     }
 }
@@ -148,7 +155,7 @@ impl MpClient {
         let pool = Arc::new(Pool {
             target,
             name,
-            idle: Mutex::new(Vec::new()),
+            idle: Mutex::new(VecDeque::new()),
         });
         pools.insert(url.to_owned(), Arc::clone(&pool));
         Ok(pool)
