@@ -296,7 +296,128 @@ impl MpClient {
 
 #[cfg(test)]
 mod tests {
-    use super::Target;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use cmg_pki::{KeyAlgorithm, Role, SiteAuthority};
+    use hyper::{Response, StatusCode};
+
+    use super::*;
+
+    /// How the test MP treats a connection.
+    #[derive(Clone, Copy)]
+    enum Mp {
+        /// Answers every request, keeping the connection.
+        KeepAlive,
+        /// Answers one request, then closes the connection.
+        OneRequest,
+        /// Reads the request, then closes the connection without answering.
+        Vanish,
+    }
+
+    /// A TLS MP on loopback; counts the connections it accepted and the requests it read.
+    async fn mp(behaviour: Mp) -> (MpClient, String, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+        let ca = SiteAuthority::generate("TST").unwrap();
+        let issue = |role| ca.issue("TST", &role, KeyAlgorithm::EcdsaP256).unwrap();
+        let server = issue(Role::ManagementPoint {
+            hostnames: vec!["127.0.0.1".into()],
+        });
+        let client = issue(Role::ConnectionPoint);
+        let acceptor = tokio_rustls::TlsAcceptor::from(
+            cmg_pki::tls::server_config(server.cert_pem(), server.key_pem()).unwrap(),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("https://{}", listener.local_addr().unwrap());
+        let (accepted, requests) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (accepted_, requests_) = (Arc::clone(&accepted), Arc::clone(&requests));
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                accepted_.fetch_add(1, Ordering::SeqCst);
+                let (acceptor, requests) = (acceptor.clone(), Arc::clone(&requests_));
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let service = hyper::service::service_fn(move |_request| {
+                        requests.fetch_add(1, Ordering::SeqCst);
+                        async move {
+                            if matches!(behaviour, Mp::Vanish) {
+                                return Err("gone");
+                            }
+                            Ok(Response::new(Full::new(Bytes::from_static(b"{}"))))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .keep_alive(matches!(behaviour, Mp::KeepAlive))
+                        .serve_connection(TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        let tls = cmg_pki::tls::client_config(
+            client.cert_pem(),
+            client.key_pem(),
+            &[ca.credential().cert_pem()],
+            &[b"http/1.1"],
+        )
+        .unwrap();
+        (MpClient::new(tls, 1024), url, accepted, requests)
+    }
+
+    async fn get(client: &MpClient, url: &str) -> Result<StatusCode, MpCallError> {
+        let answer = client
+            .call(
+                url,
+                Method::GET,
+                "/SMS_MP/.sms_pol",
+                std::iter::empty(),
+                Bytes::new(),
+            )
+            .await?;
+        Ok(answer.0.status)
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_kept_and_reused() {
+        let (client, url, accepted, requests) = mp(Mp::KeepAlive).await;
+        for _ in 0..3 {
+            assert_eq!(get(&client, &url).await.unwrap(), StatusCode::OK);
+        }
+        assert_eq!(requests.load(Ordering::SeqCst), 3);
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_mp_closed_is_replaced_before_anything_is_sent() {
+        let (client, url, accepted, requests) = mp(Mp::OneRequest).await;
+        for _ in 0..3 {
+            assert_eq!(get(&client, &url).await.unwrap(), StatusCode::OK);
+        }
+        assert_eq!(requests.load(Ordering::SeqCst), 3);
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_request_the_mp_read_is_never_sent_again() {
+        let (client, url, _, requests) = mp(Mp::Vanish).await;
+        let failed = get(&client, &url).await.unwrap_err();
+        assert!(!failed.is_connect(), "{failed}");
+        assert_eq!(requests.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn an_mp_nobody_listens_for_counts_as_not_reached() {
+        let (client, _, _, _) = mp(Mp::KeepAlive).await;
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let failed = get(&client, &format!("https://{closed}"))
+            .await
+            .unwrap_err();
+        assert!(failed.is_connect(), "{failed}");
+        let unusable = get(&client, "http://127.0.0.1:1").await.unwrap_err();
+        assert!(unusable.is_connect(), "{unusable}");
+    }
 
     #[test]
     fn mp_urls_parse_into_host_port_and_path() {
