@@ -376,24 +376,24 @@ mod tests {
         Ok(answer.0.status)
     }
 
-    #[tokio::test]
-    async fn a_connection_is_kept_and_reused() {
-        let (client, url, accepted, requests) = mp(Mp::KeepAlive).await;
+    /// Three requests in a row, all answered; how many connections the MP accepted for them.
+    async fn connections_for_three_requests(behaviour: Mp) -> usize {
+        let (client, url, accepted, requests) = mp(behaviour).await;
         for _ in 0..3 {
             assert_eq!(get(&client, &url).await.unwrap(), StatusCode::OK);
         }
         assert_eq!(requests.load(Ordering::SeqCst), 3);
-        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        accepted.load(Ordering::SeqCst)
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_kept_and_reused() {
+        assert_eq!(connections_for_three_requests(Mp::KeepAlive).await, 1);
     }
 
     #[tokio::test]
     async fn a_connection_the_mp_closed_is_replaced_before_anything_is_sent() {
-        let (client, url, accepted, requests) = mp(Mp::OneRequest).await;
-        for _ in 0..3 {
-            assert_eq!(get(&client, &url).await.unwrap(), StatusCode::OK);
-        }
-        assert_eq!(requests.load(Ordering::SeqCst), 3);
-        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+        assert_eq!(connections_for_three_requests(Mp::OneRequest).await, 3);
     }
 
     #[tokio::test]
