@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
 use hyper::client::conn::http1::SendRequest;
-use hyper::header::{HOST, HeaderName, HeaderValue};
+use hyper::header::{HOST, HeaderValue};
 use hyper::http::response::Parts;
-use hyper::{Method, Request, Uri};
+use hyper::{Request, Uri};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 
@@ -39,7 +39,7 @@ pub(crate) enum MpCallError {
     #[error("cannot connect to {url}: {reason}")]
     Connect { url: String, reason: String },
     /// The MP's URL in the site's settings cannot be called.
-    #[error("the management point URL '{url}' is not https://host[:port][/path]")]
+    #[error("the management point URL '{url}' is not https://HOST[:PORT]")]
     BadUrl { url: String },
     /// The request went out (or may have): it must not be sent again.
     #[error("the request to {url} failed: {reason}")]
@@ -55,7 +55,7 @@ impl MpCallError {
     }
 }
 
-/// Where an MP's base URL (`https://host[:port][/path]`) points.
+/// Where an MP's URL (`https://HOST[:PORT]`, as the site keeps it) points.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Target {
     /// Host name or IP address, without brackets.
@@ -63,14 +63,15 @@ struct Target {
     port: u16,
     /// `Host` header: the URL's authority.
     authority: HeaderValue,
-    /// Path before the endpoint, without a trailing `/` (usually empty).
-    prefix: String,
 }
 
 impl Target {
     fn parse(url: &str) -> Option<Target> {
         let uri: Uri = url.parse().ok()?;
-        if uri.scheme_str() != Some("https") || uri.query().is_some() {
+        if uri.scheme_str() != Some("https")
+            || !matches!(uri.path(), "" | "/")
+            || uri.query().is_some()
+        {
             return None;
         }
         let authority = uri.authority()?;
@@ -85,7 +86,6 @@ impl Target {
             host: host.to_owned(),
             port: authority.port_u16().unwrap_or(443),
             authority: HeaderValue::from_str(authority.as_str()).ok()?,
-            prefix: uri.path().trim_end_matches('/').to_owned(),
         })
     }
 }
@@ -161,34 +161,16 @@ impl MpClient {
         Ok(pool)
     }
 
-    /// Sends `method path_and_query` with `headers` and `body` to the MP at `url` and reads the
-    /// whole answer.
-    pub async fn call<'a>(
+    /// Sends `request` (its URI in origin form) to the MP at `url` and reads the whole answer.
+    pub async fn call(
         &self,
         url: &str,
-        method: Method,
-        path_and_query: &str,
-        headers: impl Iterator<Item = (&'static str, &'a HeaderValue)>,
-        body: Bytes,
+        mut request: Request<Full<Bytes>>,
     ) -> Result<(Parts, Bytes), MpCallError> {
         let pool = self.pool(url)?;
-        let failed = |reason: String| MpCallError::Failed {
-            url: url.to_owned(),
-            reason,
-        };
-        let uri: Uri = format!("{}{path_and_query}", pool.target.prefix)
-            .parse()
-            .map_err(|e| failed(format!("the path is not valid: {e}")))?;
-        let mut request = Request::builder()
-            .method(method)
-            .uri(uri)
-            .body(Full::new(body))
-            .map_err(|e| failed(e.to_string()))?;
-        let map = request.headers_mut();
-        map.insert(HOST, pool.target.authority.clone());
-        for (name, value) in headers {
-            map.append(HeaderName::from_static(name), value.clone());
-        }
+        request
+            .headers_mut()
+            .insert(HOST, pool.target.authority.clone());
         tokio::time::timeout(REQUEST_TIMEOUT, self.send(&pool, url, request))
             .await
             .map_err(|_| MpCallError::TimedOut {
@@ -364,15 +346,10 @@ mod tests {
     }
 
     async fn get(client: &MpClient, url: &str) -> Result<StatusCode, MpCallError> {
-        let answer = client
-            .call(
-                url,
-                Method::GET,
-                "/SMS_MP/.sms_pol",
-                std::iter::empty(),
-                Bytes::new(),
-            )
-            .await?;
+        let request = Request::get("/SMS_MP/.sms_pol")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let answer = client.call(url, request).await?;
         Ok(answer.0.status)
     }
 
@@ -420,29 +397,21 @@ mod tests {
     }
 
     #[test]
-    fn mp_urls_parse_into_host_port_and_path() {
+    fn mp_urls_parse_into_host_and_port() {
         let t = Target::parse("https://mp.contoso.test").expect("plain");
-        assert_eq!(
-            (t.host.as_str(), t.port, t.prefix.as_str()),
-            ("mp.contoso.test", 443, "")
-        );
+        assert_eq!((t.host.as_str(), t.port), ("mp.contoso.test", 443));
         assert_eq!(t.authority, "mp.contoso.test");
         let t = Target::parse("https://127.0.0.1:8443/").expect("port");
-        assert_eq!(
-            (t.host.as_str(), t.port, t.prefix.as_str()),
-            ("127.0.0.1", 8443, "")
-        );
+        assert_eq!((t.host.as_str(), t.port), ("127.0.0.1", 8443));
         assert_eq!(t.authority, "127.0.0.1:8443");
-        let t = Target::parse("https://[::1]:9443/sms/").expect("IPv6 and a path");
-        assert_eq!(
-            (t.host.as_str(), t.port, t.prefix.as_str()),
-            ("::1", 9443, "/sms")
-        );
+        let t = Target::parse("https://[::1]:9443").expect("IPv6");
+        assert_eq!((t.host.as_str(), t.port), ("::1", 9443));
         assert_eq!(t.authority, "[::1]:9443");
         for bad in [
             "http://mp.contoso.test",
             "mp.contoso.test",
             "https://",
+            "https://mp/sms",
             "https://mp/?a=b",
         ] {
             assert_eq!(Target::parse(bad), None, "{bad}");

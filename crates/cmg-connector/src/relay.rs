@@ -25,14 +25,14 @@ const MAX_BODY: usize = cmg_site::mp::MAX_BODY_BYTES;
 pub(crate) const MAX_REPLY: usize = 16 * 1024 * 1024;
 
 /// Headers passed from the gateway to the MP; everything else is dropped.
-const FORWARDED: [&str; 7] = [
-    "authorization",
-    "content-type",
-    "accept",
-    relay_headers::IDENTITY,
-    relay_headers::CLIENT_THUMBPRINT,
-    relay_headers::PKI_SUBJECT,
-    relay_headers::GATEWAY,
+const FORWARDED: [header::HeaderName; 7] = [
+    header::AUTHORIZATION,
+    header::CONTENT_TYPE,
+    header::ACCEPT,
+    header::HeaderName::from_static(relay_headers::IDENTITY),
+    header::HeaderName::from_static(relay_headers::CLIENT_THUMBPRINT),
+    header::HeaderName::from_static(relay_headers::PKI_SUBJECT),
+    header::HeaderName::from_static(relay_headers::GATEWAY),
 ];
 
 pub(crate) struct Relay {
@@ -237,6 +237,14 @@ impl Relay {
             Some(q) => format!("{endpoint}?{q}"),
             None => endpoint.to_owned(),
         };
+        let Ok(path) = path_and_query.parse::<hyper::Uri>() else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "CMGConnector_Bad_Request",
+                "the request cannot be passed on to the management point",
+                "check the URL",
+            );
+        };
         let rotation = self.next.fetch_add(1, Ordering::Relaxed);
         let others = (0..allowed.len())
             .filter(|i| *i != first)
@@ -252,14 +260,10 @@ impl Relay {
                 self.log
                     .info(&format!("Switched to internal URL {}{how}", url()));
             }
+            let request = to_mp(&parts, &path, &body);
             let sent = match local {
-                Some(local) => Ok(self
-                    .call_in_process(local, &parts, &path_and_query, &body)
-                    .await),
-                None => {
-                    self.call_over_tls(&mp.url, &parts, &path_and_query, &body)
-                        .await
-                }
+                Some(local) => Ok(Self::call_in_process(local, request).await),
+                None => self.call_over_tls(&mp.url, request).await,
             };
             match sent {
                 Ok(reply) => {
@@ -298,57 +302,20 @@ impl Relay {
         )
     }
 
-    /// The headers passed on to the MP (everything else the gateway sent is dropped).
-    fn forwarded(
-        parts: &hyper::http::request::Parts,
-    ) -> impl Iterator<Item = (&'static str, &header::HeaderValue)> {
-        FORWARDED
-            .into_iter()
-            .flat_map(|name| parts.headers.get_all(name).iter().map(move |v| (name, v)))
-    }
-
     async fn call_over_tls(
         &self,
         mp_url: &str,
-        parts: &hyper::http::request::Parts,
-        path_and_query: &str,
-        body: &Bytes,
+        request: Request<Full<Bytes>>,
     ) -> Result<Reply, MpCallError> {
-        let (head, body) = self
-            .mp_client
-            .call(
-                mp_url,
-                parts.method.clone(),
-                path_and_query,
-                Self::forwarded(parts),
-                body.clone(),
-            )
-            .await?;
+        let (head, body) = self.mp_client.call(mp_url, request).await?;
         Ok(answer(head.status, &head.headers, body))
     }
 
-    async fn call_in_process(
-        &self,
-        mp: &InProcessMp,
-        parts: &hyper::http::request::Parts,
-        path_and_query: &str,
-        body: &Bytes,
-    ) -> Reply {
-        let mut request = Request::builder()
-            .method(parts.method.clone())
-            .uri(path_and_query);
-        for (name, value) in Self::forwarded(parts) {
-            request = request.header(name, value.clone());
-        }
-        let Ok(request) = request.body(axum::body::Body::from(body.clone())) else {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "CMGConnector_Bad_Request",
-                "the request cannot be passed on to the management point",
-                "check the URL",
-            );
-        };
-        let (head, body) = mp.call(request).await.into_parts();
+    async fn call_in_process(mp: &InProcessMp, request: Request<Full<Bytes>>) -> Reply {
+        let (head, body) = mp
+            .call(request.map(axum::body::Body::new))
+            .await
+            .into_parts();
         let body = Limited::new(body, MAX_REPLY)
             .collect()
             .await
@@ -364,6 +331,25 @@ impl Relay {
         counts.bytes_in += i64::try_from(bytes_in).unwrap_or(i64::MAX);
         counts.bytes_out += i64::try_from(bytes_out).unwrap_or(i64::MAX);
     }
+}
+
+/// The request for the MP: the device's method and body, the MP's own `path`, and only the
+/// [`FORWARDED`] headers (everything else the gateway sent is dropped).
+fn to_mp(
+    parts: &hyper::http::request::Parts,
+    path: &hyper::Uri,
+    body: &Bytes,
+) -> Request<Full<Bytes>> {
+    let mut request = Request::new(Full::new(body.clone()));
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = path.clone();
+    let headers = request.headers_mut();
+    for name in &FORWARDED {
+        for value in parts.headers.get_all(name) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    request
 }
 
 /// The MP's answer as relayed back: status, body and the headers a device needs.

@@ -150,7 +150,6 @@ impl Stats {
         lines
     }
 
-    /// Prometheus text exposition (format 0.0.4).
     /// Counts a device connection until the returned guard is dropped.
     pub fn connection_opened(&self, http2: bool) -> OpenConnection {
         let counter = if http2 {
@@ -162,6 +161,7 @@ impl Stats {
         OpenConnection(Arc::clone(counter))
     }
 
+    /// Prometheus text exposition (format 0.0.4).
     pub fn prometheus(&self, tunnels: usize, settings_version: Option<i64>) -> String {
         let endpoints: Vec<(String, Arc<EndpointCounters>)> = self
             .endpoints
