@@ -171,6 +171,8 @@ fn ms(d: Duration) -> f64 {
 struct Device {
     addr: SocketAddr,
     name: rustls::pki_types::ServerName<'static>,
+    /// `host:port` as the requests name it (`Host`, or the HTTP/2 authority).
+    authority: String,
     tls: Arc<rustls::ClientConfig>,
     proto: Proto,
     /// Connections ready for a request; an HTTP/2 one is shared, an HTTP/1.1 one is taken.
@@ -240,9 +242,14 @@ impl Device {
             &[proto.alpn()],
         )
         .expect("device TLS configuration");
+        let authority = match addr.port() {
+            443 => host.clone(),
+            port => format!("{host}:{port}"),
+        };
         Arc::new(Device {
             addr,
             name: rustls::pki_types::ServerName::try_from(host).expect("server name"),
+            authority,
             tls,
             proto,
             idle: Mutex::new(Vec::new()),
@@ -309,19 +316,15 @@ struct Target {
 
 impl Target {
     fn new(device: &Arc<Device>, path_and_query: &str, auth: &HeaderValue) -> Arc<Target> {
-        let authority = match device.addr.port() {
-            443 => device_host(device),
-            port => format!("{}:{port}", device_host(device)),
-        };
         let uri = match device.proto {
             Proto::Http1 => path_and_query.parse(),
-            Proto::Http2 => format!("https://{authority}{path_and_query}").parse(),
+            Proto::Http2 => format!("https://{}{path_and_query}", device.authority).parse(),
         }
         .expect("request URI");
         Arc::new(Target {
             device: Arc::clone(device),
             uri,
-            host: HeaderValue::from_str(&authority).expect("host header"),
+            host: HeaderValue::from_str(&device.authority).expect("host header"),
             auth: auth.clone(),
         })
     }
@@ -332,27 +335,17 @@ impl Target {
             .header(AUTHORIZATION, self.auth.clone())
             .body(Empty::<Bytes>::new())
             .map_err(|e| e.to_string())?;
-        let response = match self.device.take().await? {
+        match self.device.take().await? {
             Sender::Http1(mut sender) => {
                 request.headers_mut().insert(HOST, self.host.clone());
-                let response = sender.send_request(request).await;
-                let response = read(response).await;
+                let response = read(sender.send_request(request).await).await;
                 if response.is_ok() {
                     self.device.put(Sender::Http1(sender));
                 }
                 response
             }
             Sender::Http2(mut sender) => read(sender.send_request(request).await).await,
-        }?;
-        Ok(response)
-    }
-}
-
-fn device_host(device: &Device) -> String {
-    match &device.name {
-        rustls::pki_types::ServerName::DnsName(name) => name.as_ref().to_owned(),
-        rustls::pki_types::ServerName::IpAddress(_) => device.addr.ip().to_string(),
-        other => format!("{other:?}"),
+        }
     }
 }
 
@@ -370,12 +363,6 @@ async fn read(
 }
 
 type Targets = Arc<Vec<Arc<Target>>>;
-
-/// The path part of a device's base URL (`/CCM_Proxy_MutualAuth/<MP>` through the gateway).
-fn base_path(device: &TestDevice) -> &str {
-    let rest = device.base.trim_start_matches("https://");
-    rest.find('/').map_or("", |slash| &rest[slash..])
-}
 
 /// Closes the idle connections of `targets` (at the end of each run and of the set-up).
 fn close_idle(targets: &Targets) {
@@ -481,7 +468,7 @@ async fn setup() -> Setup {
             (&direct, &mut direct_policy, &mut direct_location),
         ] {
             // Policy and location share the device's HTTP/2 connection.
-            let prefix = base_path(device);
+            let prefix = device.base_path();
             let conns = Device::new(device, Proto::Http2);
             policy.push(Target::new(
                 &conns,
@@ -498,7 +485,7 @@ async fn setup() -> Setup {
             (&via_gateway, &mut gateway_policy_h1_many),
             (&direct, &mut direct_policy_h1_many),
         ] {
-            let path = format!("{}{}", base_path(device), mp::POLICY);
+            let path = format!("{}{}", device.base_path(), mp::POLICY);
             for _ in 0..H1_LATENCY_CLIENTS_PER_DEVICE {
                 policy.push(Target::new(
                     &Device::new(device, Proto::Http1),

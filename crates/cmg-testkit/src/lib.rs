@@ -225,19 +225,26 @@ impl TestDevice {
         let (host, addr) = match &self.resolve {
             Some((host, addr)) => (host.clone(), *addr),
             None => {
-                let authority = self
-                    .base
-                    .trim_start_matches("https://")
-                    .split('/')
-                    .next()
-                    .unwrap_or_default();
-                let addr: std::net::SocketAddr = authority
-                    .parse()
-                    .expect("a device without a resolve override has an IP address in its base");
+                let addr: std::net::SocketAddr =
+                    self.split_base().0.parse().expect(
+                        "a device without a resolve override has an IP address in its base",
+                    );
                 (addr.ip().to_string(), addr)
             }
         };
         (host, addr, &self.root_pem)
+    }
+
+    /// The path part of the base URL (`/CCM_Proxy_MutualAuth/<MP>` through a gateway, empty on
+    /// the intranet).
+    pub fn base_path(&self) -> &str {
+        self.split_base().1
+    }
+
+    /// The base URL's authority and path.
+    fn split_base(&self) -> (&str, &str) {
+        let rest = self.base.trim_start_matches("https://");
+        rest.split_at(rest.find('/').unwrap_or(rest.len()))
     }
 
     /// The same device on HTTP/1.1 connections (as Configuration Manager clients speak), with a
