@@ -74,6 +74,38 @@ pub fn h1_connection(input: &[u8]) -> Vec<u8> {
     })
 }
 
+/// Checks that `out` is a sequence of whole HTTP/1.1 responses, each (but `100 Continue`) with a
+/// `Content-Length` and that many bytes of body; returns how many there were.
+pub fn responses(out: &[u8]) -> Result<usize, String> {
+    let mut rest = out;
+    let mut count = 0;
+    while !rest.is_empty() {
+        let mut slots = [httparse::EMPTY_HEADER; 32];
+        let mut response = httparse::Response::new(&mut slots);
+        let Ok(httparse::Status::Complete(used)) = response.parse(rest) else {
+            return Err(format!(
+                "not a response: {:?}",
+                String::from_utf8_lossy(rest)
+            ));
+        };
+        let body = if response.code == Some(100) {
+            0
+        } else {
+            response
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                .and_then(|h| std::str::from_utf8(h.value).ok()?.parse::<usize>().ok())
+                .ok_or("an answer without a Content-Length")?
+        };
+        rest = rest
+            .get(used + body..)
+            .ok_or("an answer's body is cut short")?;
+        count += 1;
+    }
+    Ok(count)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -83,6 +115,7 @@ mod tests {
               POST /b HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nhi\
               POST /c HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
         );
+        assert_eq!(super::responses(&out), Ok(3));
         let out = String::from_utf8(out).unwrap();
         let statuses: Vec<&str> = out
             .match_indices("HTTP/1.1 ")

@@ -1437,22 +1437,9 @@ mod tests {
             let ended = tokio::time::timeout(PATIENCE, conn.server).await;
             let ended = ended.unwrap_or_else(|_| panic!("round {round}: {input:?} never ended"));
             assert!(ended.is_ok(), "round {round}: {input:?} panicked");
-            // Whatever was answered parses as responses, one after the other.
-            let mut rest = out.as_bytes();
-            while !rest.is_empty() {
-                let mut slots = [httparse::EMPTY_HEADER; 32];
-                let mut response = httparse::Response::new(&mut slots);
-                let Ok(httparse::Status::Complete(used)) = response.parse(rest) else {
-                    panic!("round {round}: {input:?} got {out:?}");
-                };
-                let length = response
-                    .headers
-                    .iter()
-                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-                    .and_then(|h| std::str::from_utf8(h.value).ok()?.parse::<usize>().ok());
-                let code = response.code.unwrap_or_default();
-                let body = if code == 100 { 0 } else { length.unwrap_or(0) };
-                rest = rest.get(used + body..).unwrap_or_default();
+            // Whatever was answered parses as whole responses, one after the other.
+            if let Err(e) = crate::fuzzing::responses(out.as_bytes()) {
+                panic!("round {round}: {input:?} got {out:?}: {e}");
             }
         }
     }

@@ -26,7 +26,7 @@ mod config;
 mod crl;
 mod device;
 mod error;
-#[cfg(feature = "fuzzing")]
+#[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
 mod h1;
