@@ -22,6 +22,12 @@
 //!    binary re-executed with `CMG_BENCH_ROLE=gateway`); the parent opens N mutually
 //!    authenticated TLS connections, sends one request on each, leaves them idle and reads the
 //!    child's `VmRSS` before and after. Measured for HTTP/1.1 and HTTP/2 connections.
+//! 4. **Instructions per request** (`CMG_BENCH_PARTS=instructions`, not run by default): the
+//!    runs of part 1 send a fixed number of requests each (`CMG_BENCH_REQUESTS`, default 2000)
+//!    on connections opened beforehand, and mark where each starts and ends for callgrind.
+//!    `crates/cmg-bench/callgrind.sh` runs it under `valgrind --tool=callgrind` and prints the
+//!    instructions per request of every path: unlike rates and CPU times, the same for the same
+//!    code whatever else the machine (or its hypervisor) is doing, so two versions compare.
 //!
 //! `cargo bench -p cmg-bench --bench gateway`
 //!
@@ -30,8 +36,10 @@
 //! (default 1), `CMG_BENCH_FALLBACK_RATE` (default 2000; 0 = none), `CMG_BENCH_TPUT_SECS`
 //! (measured seconds per throughput run, default 5), `CMG_BENCH_IDLE` (idle connections,
 //! default 2000), `CMG_BENCH_IDLE_HOLD_SECS` (when to re-count the idle connections, default
-//! 12), `CMG_BENCH_PARTS` (default `throughput,latency,idle`), `CMG_BENCH_PATHS` (throughput
-//! runs whose label contains it, e.g. `gateway+tunnel, policy`; default all).
+//! 12), `CMG_BENCH_PARTS` (default `throughput,latency,idle`), `CMG_BENCH_PATHS` (throughput and
+//! instruction runs whose label contains it, e.g. `gateway+tunnel, policy`; default all),
+//! `CMG_BENCH_DEVICES` (devices, each with its own connections; default 64),
+//! `CMG_BENCH_REQUESTS` (requests per instruction run, default 2000).
 //!
 //! Results are printed as labelled lines and as JSON lines (`{"bench":"gateway",…}`).
 
@@ -51,8 +59,11 @@ use hyper::header::{AUTHORIZATION, HOST, HeaderValue};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
 
-/// Device connections sending at once (each its own certificate and keep-alive connection).
-const CONNECTIONS: usize = 64;
+/// Devices, each with its own certificate and keep-alive connection, sending at once;
+/// `CMG_BENCH_DEVICES` changes it (fewer make the set-up quicker under valgrind).
+fn devices() -> usize {
+    env_num("CMG_BENCH_DEVICES", 64).clamp(1, 1024) as usize
+}
 /// HTTP/1.1 connections per device in the latency runs. An HTTP/1.1 connection carries one
 /// request at a time, so a client opens a new connection (a full handshake) whenever a request is
 /// due while its last one is in flight; at 10,000/s over 64 connections that is every few
@@ -106,6 +117,7 @@ static ALLOCATOR: Counting = Counting;
 
 fn main() {
     cmg_alloc::tune();
+    cmg_log::init_stderr_diagnostics();
     if std::env::var("CMG_BENCH_ROLE").as_deref() == Ok("gateway") {
         gateway_child();
         return;
@@ -115,9 +127,7 @@ fn main() {
         println!("gateway bench: skipped (run it with `cargo bench -p cmg-bench --bench gateway`)");
         return;
     }
-    let parts =
-        std::env::var("CMG_BENCH_PARTS").unwrap_or_else(|_| "throughput,latency,idle".to_owned());
-    let wants = |part: &str| parts.split(',').any(|p| p.trim() == part);
+    let parts = Parts::from_env();
     println!(
         "gateway bench: {} CPU(s), load average at start: {}",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
@@ -127,10 +137,10 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    if wants("throughput") || wants("latency") {
-        relay(&rt, wants("throughput"), wants("latency"));
+    if parts.throughput || parts.latency || parts.instructions {
+        relay(&rt, &parts);
     }
-    if wants("idle") {
+    if parts.idle {
         let n = env_num("CMG_BENCH_IDLE", 2000).clamp(1, 8000) as usize;
         let hold = Duration::from_secs(env_num("CMG_BENCH_IDLE_HOLD_SECS", 12).min(120));
         for proto in [Proto::Http1, Proto::Http2] {
@@ -138,6 +148,33 @@ fn main() {
         }
     }
     println!("gateway bench: load average at end: {}", loadavg());
+}
+
+/// The parts of the bench to run (`CMG_BENCH_PARTS`, comma-separated; default
+/// `throughput,latency,idle`; `instructions` only when named).
+struct Parts {
+    throughput: bool,
+    latency: bool,
+    idle: bool,
+    instructions: bool,
+}
+
+impl Parts {
+    fn from_env() -> Parts {
+        let parts = std::env::var("CMG_BENCH_PARTS")
+            .unwrap_or_else(|_| "throughput,latency,idle".to_owned());
+        let known = ["throughput", "latency", "idle", "instructions"];
+        if let Some(unknown) = parts.split(',').map(str::trim).find(|p| !known.contains(p)) {
+            panic!("CMG_BENCH_PARTS: unknown part '{unknown}'; the parts are {known:?}");
+        }
+        let wants = |part: &str| parts.split(',').any(|p| p.trim() == part);
+        Parts {
+            throughput: wants("throughput"),
+            latency: wants("latency"),
+            idle: wants("idle"),
+            instructions: wants("instructions"),
+        }
+    }
 }
 
 fn env_num(name: &str, default: u64) -> u64 {
@@ -451,7 +488,7 @@ async fn setup() -> Setup {
     let mut direct_location = Vec::new();
     let mut gateway_policy_h1_many = Vec::new();
     let mut direct_policy_h1_many = Vec::new();
-    for n in 0..CONNECTIONS {
+    for n in 0..devices() {
         let hardware_id = format!("gw-bench-{n}");
         let via_gateway = cmg.device(0, &hardware_id);
         let (_, token) = via_gateway.register_ok(Some(bulk.token.expose())).await;
@@ -582,71 +619,101 @@ async fn use_connector(setup: &mut Setup, hop: MpHop) {
     setup.cmg.stop_connector().await;
 }
 
-fn relay(rt: &tokio::runtime::Runtime, throughput: bool, latency: bool) {
+/// The closed-loop runs of part 1, each a label and its targets, in order: for each way the
+/// connection point reaches the MP, the direct paths (once) and the relayed ones. `f` gets the
+/// label, the targets and whether they are relayed; the connection point is switched between.
+/// `CMG_BENCH_PATHS=gateway` (any part of a label) keeps only the matching runs, for a profiler
+/// attached to one path.
+fn each_closed_loop_run(
+    rt: &tokio::runtime::Runtime,
+    setup: &mut Setup,
+    mut f: impl FnMut(&str, &Targets, bool),
+) {
+    let only = std::env::var("CMG_BENCH_PATHS").unwrap_or_default();
+    for hop in [MpHop::Tls, MpHop::InProcess] {
+        rt.block_on(use_connector(setup, hop));
+        for (path, targets) in [
+            ("direct MP, policy", &setup.direct_policy),
+            ("gateway+tunnel, policy", &setup.gateway_policy),
+            ("direct MP, location", &setup.direct_location),
+            ("gateway+tunnel, location", &setup.gateway_location),
+            ("direct MP, policy, HTTP/1.1", &setup.direct_policy_h1),
+            ("gateway+tunnel, policy, HTTP/1.1", &setup.gateway_policy_h1),
+        ] {
+            let relayed = path.starts_with("gateway");
+            // The direct runs do not depend on the connection point: measured once.
+            if !relayed && hop == MpHop::InProcess {
+                continue;
+            }
+            let label = if relayed {
+                format!("{path}, {}", hop.label())
+            } else {
+                path.to_owned()
+            };
+            if label.contains(only.as_str()) {
+                f(&label, targets, relayed);
+            }
+        }
+    }
+}
+
+fn relay(rt: &tokio::runtime::Runtime, parts: &Parts) {
     let mut setup = rt.block_on(setup());
-    if throughput {
+    let connections = setup.direct_policy.len();
+    if parts.throughput {
         let warm = Duration::from_secs(1);
         let secs = Duration::from_secs(env_num("CMG_BENCH_TPUT_SECS", 5).clamp(1, 120));
         println!(
-            "\n== 1. Throughput: {CONNECTIONS} keep-alive device connections, all busy \
+            "\n== 1. Throughput: {connections} keep-alive device connections, all busy \
              (closed loop), {}s warm-up + {}s measured ==",
             warm.as_secs(),
             secs.as_secs()
         );
-        // `CMG_BENCH_PATHS=gateway` (any part of a label) runs only the matching runs, for a
-        // profiler attached to one path.
-        let only = std::env::var("CMG_BENCH_PATHS").unwrap_or_default();
         let mut rates = Vec::new();
-        for hop in [MpHop::Tls, MpHop::InProcess] {
-            rt.block_on(use_connector(&mut setup, hop));
-            for (path, targets) in [
-                ("direct MP, policy", &setup.direct_policy),
-                ("gateway+tunnel, policy", &setup.gateway_policy),
-                ("direct MP, location", &setup.direct_location),
-                ("gateway+tunnel, location", &setup.gateway_location),
-                ("direct MP, policy, HTTP/1.1", &setup.direct_policy_h1),
-                ("gateway+tunnel, policy, HTTP/1.1", &setup.gateway_policy_h1),
-            ] {
-                let relayed = path.starts_with("gateway");
-                // The direct runs do not depend on the connection point: measured once.
-                if !relayed && hop == MpHop::InProcess {
-                    continue;
-                }
-                let label = if relayed {
-                    format!("{path}, {}", hop.label())
-                } else {
-                    path.to_owned()
-                };
-                if !label.contains(only.as_str()) {
-                    continue;
-                }
-                let run = rt.block_on(closed_loop(Arc::clone(targets), warm, secs));
-                println!(
-                    "throughput  {label:<46} {:>7.0} requests/s  {:>6.1} µs CPU/request  ({} \
-                     ok, {} failed in {}s)",
-                    run.rate,
-                    run.cpu_us_per_request,
-                    run.ok,
-                    run.failed,
-                    secs.as_secs()
-                );
-                println!(
-                    "{}",
-                    json!({"bench": "gateway", "part": "throughput", "path": label,
-                           "connections": CONNECTIONS, "requests_per_sec": run.rate.round(),
-                           "cpu_us_per_request": (run.cpu_us_per_request * 10.0).round() / 10.0,
-                           "ok": run.ok, "failed": run.failed, "secs": secs.as_secs()})
-                );
-                if relayed {
-                    rates.push((label, run.rate));
-                }
+        each_closed_loop_run(rt, &mut setup, |label, targets, relayed| {
+            let run = rt.block_on(closed_loop(Arc::clone(targets), warm, secs));
+            println!(
+                "throughput  {label:<46} {:>7.0} requests/s  {:>6.1} µs CPU/request  ({} \
+                 ok, {} failed in {}s)",
+                run.rate,
+                run.cpu_us_per_request,
+                run.ok,
+                run.failed,
+                secs.as_secs()
+            );
+            println!(
+                "{}",
+                json!({"bench": "gateway", "part": "throughput", "path": label,
+                       "connections": connections, "requests_per_sec": run.rate.round(),
+                       "cpu_us_per_request": (run.cpu_us_per_request * 10.0).round() / 10.0,
+                       "ok": run.ok, "failed": run.failed, "secs": secs.as_secs()})
+            );
+            if relayed {
+                rates.push((label.to_owned(), run.rate));
             }
-        }
+        });
         for (label, rate) in rates {
             println!("throughput  goal ≥ 20000 relayed requests/s: {label}: {rate:.0}");
         }
     }
-    if latency {
+    if parts.instructions {
+        let requests = env_num("CMG_BENCH_REQUESTS", 2000).clamp(1, 10_000_000);
+        println!(
+            "\n== 4. Instructions: {requests} requests per path over {connections} keep-alive \
+             connections (closed loop); under `valgrind --tool=callgrind` each run is dumped \
+             alone (see callgrind.sh) =="
+        );
+        each_closed_loop_run(rt, &mut setup, |label, targets, _| {
+            // Connections are opened first, so handshakes are not counted as requests.
+            rt.block_on(prime(targets));
+            callgrind::zero_stats();
+            let failed = rt.block_on(counted_loop(targets, requests));
+            callgrind::dump_stats_at(&format!("{label} | {requests} requests"));
+            close_idle(targets);
+            println!("instructions  {label:<46} {requests} requests sent, {failed} failed");
+        });
+    }
+    if parts.latency {
         let rate = env_num("CMG_BENCH_RATE", 10_000).clamp(1, 200_000);
         let fallback = env_num("CMG_BENCH_FALLBACK_RATE", 2_000).min(200_000);
         let secs = env_num("CMG_BENCH_SECS", 5).clamp(1, 120);
@@ -654,7 +721,7 @@ fn relay(rt: &tokio::runtime::Runtime, throughput: bool, latency: bool) {
         rt.block_on(use_connector(&mut setup, MpHop::InProcess));
         println!(
             "\n== 2. Added latency, open loop (fixed send schedule, latency from the intended \
-             send time), policy with token, {CONNECTIONS} HTTP/2 or {} HTTP/1.1 connections, \
+             send time), policy with token, {connections} HTTP/2 or {} HTTP/1.1 connections, \
              {warm}s warm-up + {secs}s measured; relayed with the {} (as `cmg up`) ==",
             setup.gateway_policy_h1_many.len(),
             MpHop::InProcess.label()
@@ -732,6 +799,78 @@ async fn closed_loop(targets: Targets, warm: Duration, measure: Duration) -> Clo
         failed: failed1 - failed0,
         cpu_us_per_request: (cpu1 - cpu0).as_secs_f64() * 1e6 / ok.max(1) as f64,
     }
+}
+
+/// Exactly `requests` requests, every target busy with one at a time until they are all sent;
+/// returns how many failed.
+async fn counted_loop(targets: &Targets, requests: u64) -> u64 {
+    let issued = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = targets
+        .iter()
+        .map(|target| {
+            let (target, issued, failed) =
+                (Arc::clone(target), Arc::clone(&issued), Arc::clone(&failed));
+            tokio::spawn(async move {
+                while issued.fetch_add(1, Ordering::Relaxed) < requests {
+                    if !send(&target).await {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        let _ = task.await;
+    }
+    failed.load(Ordering::Relaxed)
+}
+
+/// Callgrind's client requests (as `valgrind/callgrind.h` issues them): a sequence that does
+/// nothing on a real processor and that valgrind recognises. They let one valgrind run count the
+/// instructions of each measured run apart from the set-up and from the other runs.
+mod callgrind {
+    /// `VG_USERREQ_TOOL_BASE('C','T')`, then the order of callgrind's requests.
+    const BASE: u64 = (b'C' as u64) << 24 | (b'T' as u64) << 16;
+    const ZERO_STATS: u64 = BASE + 1;
+    const DUMP_STATS_AT: u64 = BASE + 3;
+
+    /// Sets every thread's counts to zero.
+    pub fn zero_stats() {
+        request(ZERO_STATS, 0);
+    }
+
+    /// Writes the counts since the last zero to a new dump file, described by `label`.
+    pub fn dump_stats_at(label: &str) {
+        let label = std::ffi::CString::new(label.replace('\0', " ")).unwrap_or_default();
+        request(DUMP_STATS_AT, label.as_ptr() as u64);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn request(code: u64, arg: u64) {
+        let args: [u64; 6] = [code, arg, 0, 0, 0, 0];
+        // SAFETY: the four rotations of rdi add up to 128 bits (rdi is unchanged) and rbx is
+        // exchanged with itself: no register or memory changes outside valgrind. Under valgrind,
+        // the request reads `args` (alive across the asm) and the string `arg` may point to, and
+        // writes its answer to rdx.
+        unsafe {
+            std::arch::asm!(
+                "rol rdi, 3",
+                "rol rdi, 13",
+                "rol rdi, 61",
+                "rol rdi, 51",
+                "xchg rbx, rbx",
+                in("rax") args.as_ptr(),
+                inout("rdx") 0u64 => _,
+                inout("rdi") 0u64 => _,
+                options(nostack),
+            );
+        }
+    }
+
+    /// Elsewhere the instruction counts are not available: `callgrind.sh` says so.
+    #[cfg(not(target_arch = "x86_64"))]
+    fn request(_code: u64, _arg: u64) {}
 }
 
 /// What a closed-loop run measured.

@@ -15,6 +15,21 @@ use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+/// Sends `tracing` diagnostics to stderr, at the level `CMG_LOG` gives (an `EnvFilter`
+/// directive such as `info` or `cmg_gateway=debug`; default `warn`), so that stdout carries only
+/// what scripts parse. The `cmg` binary calls it once at start; the gateway bench calls it too, so
+/// that it pays for diagnostics what a deployed role pays (without any subscriber, `tracing` hands
+/// every span of the HTTP/2 library to the `log` crate instead, which costs more).
+pub fn init_stderr_diagnostics() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CMG_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    // A second call (a bench re-entering, say) keeps the first subscriber.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
 /// Roll a file over when it passes this size (ConfigMgr's default is far smaller; disks grew).
 pub const DEFAULT_MAX_BYTES: u64 = 5 * 1024 * 1024;
 

@@ -30,7 +30,7 @@ fn main() -> ExitCode {
     };
     let cli = Cli::parse_from(args);
     let data = cmg_site::DataDir::new(&cli.data);
-    init_tracing();
+    cmg_log::init_stderr_diagnostics();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -74,17 +74,6 @@ async fn run(cli: Cli, data: cmg_site::DataDir) -> anyhow::Result<()> {
         Command::Gateway(cmd) => connector::run_gateway(cmd).await,
         Command::Client(cmd) => client::run(cmd).await,
     }
-}
-
-/// Diagnostics go to stderr (level from `CMG_LOG`, default `warn`), so that stdout carries only
-/// what scripts parse. The roles' own log files (DESIGN §10) are written by the roles.
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CMG_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
 }
 
 /// The OS account running the command, recorded in the audit log as the admin who acted.
