@@ -129,9 +129,12 @@ fn main() {
     }
     let parts = Parts::from_env();
     println!(
-        "gateway bench: {} CPU(s), load average at start: {}",
+        "gateway bench: {} CPU(s), load average at start: {}, wake-up round trip between \
+         CPUs 0 and 1: {:.1} µs (on one CPU it takes a few; a machine that takes far more than \
+         20 µs is slow to wake a task on another core, and every rate below suffers)",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        loadavg()
+        loadavg(),
+        wake_round_trip_us()
     );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -184,6 +187,50 @@ fn env_num(name: &str, default: u64) -> u64 {
             .parse()
             .unwrap_or_else(|_| panic!("{name} must be a whole number, not '{v}'")),
         Err(_) => default,
+    }
+}
+
+/// Mean time for one byte to go to a thread on the other CPU and back over a pair of sockets,
+/// each thread blocking in `read` in between: what waking a task on another core costs here.
+/// The two threads are pinned to CPUs 0 and 1, so that the scheduler cannot put them on one.
+/// On some VMs it is ten times what it is on others, and it moves every figure of this bench.
+fn wake_round_trip_us() -> f64 {
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+    const ROUND_TRIPS: u32 = 2000;
+    let Ok((mut here, mut there)) = UnixStream::pair() else {
+        return f64::NAN;
+    };
+    let echo = std::thread::spawn(move || {
+        pin_to_cpu(1);
+        let mut byte = [0u8];
+        while there.read_exact(&mut byte).is_ok() && there.write_all(&byte).is_ok() {}
+    });
+    let pinned = std::thread::spawn(move || {
+        pin_to_cpu(0);
+        let started = Instant::now();
+        let mut byte = [0u8];
+        let mut done = 0;
+        while done < ROUND_TRIPS
+            && here.write_all(&byte).is_ok()
+            && here.read_exact(&mut byte).is_ok()
+        {
+            done += 1;
+        }
+        started.elapsed().as_secs_f64() * 1e6 / f64::from(done.max(1))
+    });
+    let mean = pinned.join().unwrap_or(f64::NAN);
+    let _ = echo.join();
+    mean
+}
+
+/// Keeps the calling thread on `cpu` (best effort: on one CPU, or if refused, it stays free).
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: `set` is a plain bit set that lives across the call; pid 0 is this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
     }
 }
 
