@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, watch};
 use rustls::pki_types::{CertificateDer, UnixTime};
 
 use crate::error::{Body, Denial, RelayError, json_response};
+use crate::limits::AcceptFailures;
 use crate::pki::{self, Verdict};
 use crate::policy::{self, CachedAuth, Identity, Route};
 use crate::stats::{METADATA, UNMAPPED};
@@ -88,12 +89,16 @@ pub(crate) async fn serve(
     let (busy, mut done) = mpsc::channel::<()>(1);
     let mut h2 = http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new());
+    let mut failures = AcceptFailures::default();
     loop {
         let (tcp, remote) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(e) => {
-                    tracing::warn!("cannot accept a device connection: {e}");
+                    if let Some(line) = failures.record(Instant::now(), &e) {
+                        shared.handler_log.warn(&line);
+                    }
+                    // At the open-file limit every accept fails until a connection closes.
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -641,9 +646,27 @@ fn tunnel_headers(
     Ok(headers)
 }
 
-/// Removes the headers that belong to one connection (RFC 9110 §7.6.1), including any named in
-/// `Connection`.
+/// The headers that belong to one connection (RFC 9110 §7.6.1), besides any that `Connection`
+/// names.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+];
+
+/// Removes the headers that belong to one connection, including any named in `Connection`.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names they have is cheaper than a removal
+    // (a hash and a probe) for every name that might be there.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -651,22 +674,9 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
         .collect();
-    for name in named {
+    for name in named.iter().chain(&HOP_BY_HOP) {
         headers.remove(name);
     }
-    for name in [
-        header::CONNECTION,
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-    ] {
-        headers.remove(name);
-    }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
 }
 
 #[cfg(test)]
@@ -721,5 +731,14 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key(header::AUTHORIZATION));
+
+        // Each on its own is found, whatever else the message has.
+        for name in &HOP_BY_HOP {
+            let mut h = HeaderMap::new();
+            h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+            h.insert(name.clone(), HeaderValue::from_static("1"));
+            strip_hop_by_hop(&mut h);
+            assert_eq!(h.keys().collect::<Vec<_>>(), [header::ACCEPT], "{name}");
+        }
     }
 }

@@ -8,7 +8,8 @@
 //!   of the CMG and is not revoked (a PKI device needs no token); [`crl`] loads, fetches and
 //!   refreshes the CRLs it checks against;
 //! - [`policy`] holds the rules as pure functions; [`stats`] the counters behind
-//!   `CMGService.log` and the Prometheus metrics.
+//!   `CMGService.log` and the Prometheus metrics; [`limits`] the open-file limit, which caps the
+//!   devices an instance holds at once.
 //!
 //! The gateway stores no device data and holds no secret of the site: its settings (keys,
 //! blocked lists, URL map, TLS policy) arrive over the tunnels and only the newest version wins.
@@ -30,6 +31,7 @@ mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 mod h1;
+mod limits;
 mod pki;
 mod policy;
 mod stats;
@@ -325,11 +327,14 @@ impl Gateway {
         let c = &shared.config;
         shared.handler_log.info(&format!(
             "CMG {} instance {} ({}) listening for devices on https://{device_addr} and for \
-             connection points on {tunnel_addr}{}",
+             connection points on {tunnel_addr}{}{}",
             c.name,
             c.instance,
             c.fqdn,
             metrics_addr.map_or_else(String::new, |a| format!("; metrics on http://{a}/metrics")),
+            limits::raise_open_file_limit().map_or_else(String::new, |n| format!(
+                "; open-file limit {n}, so at most about {n} device connections at once"
+            )),
         ));
         Ok(Gateway {
             shared,

@@ -426,6 +426,8 @@ async fn settings_arrive_by_long_poll_and_token_devices_are_relayed_with_their_i
     let log = std::fs::read_to_string(h.dir.path().join("logs/CMGHttpHandler.log")).unwrap();
     assert!(log.contains("Tunnel 1 connected"), "{log}");
     assert!(log.contains("Settings version 1 -> 2"), "{log}");
+    // How many devices the instance can hold at once, as its open-file limit allows.
+    assert!(log.contains("; open-file limit "), "{log}");
     assert!(log.contains("device_blocked"), "{log}");
     assert!(!log.contains(&token));
 
