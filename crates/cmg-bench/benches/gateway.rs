@@ -16,8 +16,9 @@
 //! 2. **Added latency at a fixed offered rate**: an open-loop load generator (a pacer sends on
 //!    a fixed schedule whatever the responses do, so a slow response never delays the next
 //!    send) against the MP directly and through the gateway; latency is measured from each
-//!    request's *intended* send time. Falls back to a lower rate as well when the first rate is
-//!    not sustained.
+//!    request's *intended* send time. The two paths run in alternating one-second slices, so
+//!    that a slow phase of a shared VM falls on both alike. Falls back to a lower rate as well
+//!    when the first rate is not sustained.
 //! 3. **Memory per idle TLS device connection**: the gateway runs in a child process (this
 //!    binary re-executed with `CMG_BENCH_ROLE=gateway`); the parent opens N mutually
 //!    authenticated TLS connections, sends one request on each, leaves them idle and reads the
@@ -769,7 +770,8 @@ fn relay(rt: &tokio::runtime::Runtime, parts: &Parts) {
         println!(
             "\n== 2. Added latency, open loop (fixed send schedule, latency from the intended \
              send time), policy with token, {connections} HTTP/2 or {} HTTP/1.1 connections, \
-             {warm}s warm-up + {secs}s measured; relayed with the {} (as `cmg up`) ==",
+             {warm}s warm-up, then {secs} measured seconds of each path in alternating 1 s \
+             slices; relayed with the {} (as `cmg up`) ==",
             setup.gateway_policy_h1_many.len(),
             MpHop::InProcess.label()
         );
@@ -999,26 +1001,42 @@ struct OpenLoop {
     fds_gained: i64,
 }
 
-/// Sends `rate` requests/s for `warm + secs` seconds on a fixed schedule, round-robin over the
-/// targets, never waiting for answers; statistics over the requests due after the warm-up.
-fn open_loop(
+/// One stretch of the fixed schedule: the requests due after its warm-up.
+struct Slice {
+    measured: Vec<Sample>,
+    /// Requests due after the warm-up.
+    expected: usize,
+    /// Seconds from the first measured request's due time to the last answer.
+    span: f64,
+    /// File descriptors this process gained during the slice: new device connections (both
+    /// ends, as the gateway runs here too) opened because every one of a device's was busy.
+    fds_gained: i64,
+}
+
+/// Sends `rate` requests/s for `warm + measure` on a fixed schedule, round-robin over the
+/// targets, never waiting for answers, then waits for every answer; keeps the requests due
+/// after the warm-up. Connections stay open for the next slice.
+fn open_loop_slice(
     rt: &tokio::runtime::Runtime,
     targets: &Targets,
     rate: u64,
-    warm: u64,
-    secs: u64,
-) -> OpenLoop {
-    let total = rate * (warm + secs);
-    let warm_count = rate * warm;
+    warm: Duration,
+    measure: Duration,
+) -> Slice {
+    let count = |d: Duration| (u128::from(rate) * d.as_micros() / 1_000_000) as u64;
+    let warm_count = count(warm);
+    let total = warm_count + count(measure);
     let samples: Arc<Mutex<Vec<Sample>>> = Arc::new(Mutex::new(Vec::with_capacity(total as usize)));
     let handle = rt.handle().clone();
     let fds_before = open_fds(std::process::id());
     let start = Instant::now() + Duration::from_millis(20);
+    let due_at = |i: u64| {
+        start + Duration::from_nanos((u128::from(i) * 1_000_000_000 / u128::from(rate)) as u64)
+    };
     // The pacer is this (non-runtime) thread: it sleeps until each request is due and hands it
     // to the runtime; when it is behind, it sends at once to catch up with the schedule.
     for i in 0..total {
-        let due =
-            start + Duration::from_nanos((u128::from(i) * 1_000_000_000 / u128::from(rate)) as u64);
+        let due = due_at(i);
         let now = Instant::now();
         if due > now {
             std::thread::sleep(due - now);
@@ -1048,11 +1066,8 @@ fn open_loop(
     {
         std::thread::sleep(Duration::from_millis(10));
     }
-    let samples = std::mem::take(&mut *samples.lock().unwrap_or_else(|p| p.into_inner()));
-    // Connections opened (+) or closed (−) while the schedule ran, before this run's own close.
-    let fds_gained = open_fds(std::process::id()) as i64 - fds_before as i64;
-    close_idle(targets);
-    let measured: Vec<&Sample> = samples.iter().filter(|s| s.index >= warm_count).collect();
+    let mut measured = std::mem::take(&mut *samples.lock().unwrap_or_else(|p| p.into_inner()));
+    measured.retain(|s| s.index >= warm_count);
     // `CMG_BENCH_SAMPLES=FILE`: every measured request as `due_ms,latency_ms,ok` (appended),
     // to see when the slow ones happen.
     if let Ok(path) = std::env::var("CMG_BENCH_SAMPLES") {
@@ -1077,36 +1092,49 @@ fn open_loop(
             let _ = file.write_all(out.as_bytes());
         }
     }
-    let expected = (total - warm_count) as usize;
-    let ok = measured.iter().filter(|s| s.ok).count();
-    let failed = expected - ok;
-    let first_due = start
-        + Duration::from_nanos((u128::from(warm_count) * 1_000_000_000 / u128::from(rate)) as u64);
+    let first_due = due_at(warm_count);
     let last_done = measured.iter().map(|s| s.done).max().unwrap_or(first_due);
-    let span = last_done.saturating_duration_since(first_due).as_secs_f64();
-    let achieved = if span > 0.0 { ok as f64 / span } else { 0.0 };
-    let ok_samples = || measured.iter().filter(|s| s.ok);
-    let intended = percentiles(ok_samples().map(|s| s.done - s.due).collect());
-    let service = percentiles(ok_samples().map(|s| s.done - s.sent).collect());
-    let start_lag = percentiles(
-        ok_samples()
-            .map(|s| s.sent.saturating_duration_since(s.due))
-            .collect(),
-    );
-    OpenLoop {
-        ok,
-        failed,
-        achieved,
-        intended,
-        service,
-        start_lag,
-        sustained: failed == 0 && achieved >= 0.95 * rate as f64,
-        fds_gained,
+    Slice {
+        expected: (total - warm_count) as usize,
+        span: last_done.saturating_duration_since(first_due).as_secs_f64(),
+        fds_gained: open_fds(std::process::id()) as i64 - fds_before as i64,
+        measured,
     }
 }
 
-/// Direct, then through the gateway, at the same offered rate; prints both and the difference.
-/// Returns whether both runs sustained the rate.
+impl OpenLoop {
+    /// The statistics of a path's slices taken together.
+    fn from_slices(slices: &[Slice], rate: u64) -> OpenLoop {
+        let ok_samples = || slices.iter().flat_map(|s| &s.measured).filter(|s| s.ok);
+        let expected: usize = slices.iter().map(|s| s.expected).sum();
+        let ok = ok_samples().count();
+        let failed = expected - ok;
+        let span: f64 = slices.iter().map(|s| s.span).sum();
+        let achieved = if span > 0.0 { ok as f64 / span } else { 0.0 };
+        OpenLoop {
+            ok,
+            failed,
+            achieved,
+            intended: percentiles(ok_samples().map(|s| s.done - s.due).collect()),
+            service: percentiles(ok_samples().map(|s| s.done - s.sent).collect()),
+            start_lag: percentiles(
+                ok_samples()
+                    .map(|s| s.sent.saturating_duration_since(s.due))
+                    .collect(),
+            ),
+            sustained: failed == 0 && achieved >= 0.95 * rate as f64,
+            fds_gained: slices.iter().map(|s| s.fds_gained).sum(),
+        }
+    }
+}
+
+/// Warm-up of every slice but a path's first: its connections are still open from the last one.
+const SLICE_WARM_UP: Duration = Duration::from_millis(250);
+
+/// Direct and through the gateway at the same offered rate, in alternating slices of one
+/// measured second (`secs` of each in all, the order swapped every round): a slow phase of a
+/// shared machine, which lasts seconds, then falls on both paths alike rather than on one of two
+/// long runs. Prints both and the difference; returns whether both sustained the rate.
 fn latency_pair(
     rt: &tokio::runtime::Runtime,
     (direct, gateway, devices): (&Targets, &Targets, &str),
@@ -1114,17 +1142,36 @@ fn latency_pair(
     warm: u64,
     secs: u64,
 ) -> bool {
-    let mut runs = Vec::new();
-    for (label, targets) in [
+    let paths = [
         (format!("direct MP, {devices}"), direct),
         (format!("gateway+tunnel, {devices}"), gateway),
-    ] {
-        // The connections of the run before (closed at its end) gone, and every connection of
-        // this run up, before the schedule starts.
-        settle();
+    ];
+    // The connections of the run before (closed at its end) gone, and every connection of both
+    // paths up, before the schedule starts.
+    settle();
+    for (_, targets) in &paths {
         rt.block_on(prime(targets));
-        std::thread::sleep(Duration::from_millis(500));
-        let run = open_loop(rt, targets, rate, warm, secs);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let mut slices: [Vec<Slice>; 2] = Default::default();
+    for round in 0..secs {
+        let warm_up = if round == 0 {
+            Duration::from_secs(warm)
+        } else {
+            SLICE_WARM_UP
+        };
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for i in order {
+            let slice = open_loop_slice(rt, paths[i].1, rate, warm_up, Duration::from_secs(1));
+            slices[i].push(slice);
+        }
+    }
+    for (_, targets) in &paths {
+        close_idle(targets);
+    }
+    let mut runs = Vec::new();
+    for ((label, _), slices) in paths.iter().zip(&slices) {
+        let run = OpenLoop::from_slices(slices, rate);
         let i = run.intended;
         println!(
             "latency     {label:<24} offered {rate:>6}/s achieved {:>7.0}/s{}  ok {} failed {}  \
