@@ -17,8 +17,9 @@
 //!    a fixed schedule whatever the responses do, so a slow response never delays the next
 //!    send) against the MP directly and through the gateway; latency is measured from each
 //!    request's *intended* send time. The two paths run in alternating one-second slices, so
-//!    that a slow phase of a shared VM falls on both alike. Falls back to a lower rate as well
-//!    when the first rate is not sustained.
+//!    that a slow phase of a shared VM falls on both alike. A slice that falls behind the
+//!    schedule ends the pair, whose backlog would spoil the slices after it; the pair then runs
+//!    again at a lower rate.
 //! 3. **Memory per idle TLS device connection**: the gateway runs in a child process (this
 //!    binary re-executed with `CMG_BENCH_ROLE=gateway`); the parent opens N mutually
 //!    authenticated TLS connections, sends one request on each, leaves them idle and reads the
@@ -1102,6 +1103,14 @@ fn open_loop_slice(
     }
 }
 
+impl Slice {
+    /// Whether every request of the slice succeeded and the answers kept up with the schedule.
+    fn held(&self, rate: u64) -> bool {
+        let ok = self.measured.iter().filter(|s| s.ok).count();
+        ok == self.expected && self.span > 0.0 && ok as f64 / self.span >= 0.95 * rate as f64
+    }
+}
+
 impl OpenLoop {
     /// The statistics of a path's slices taken together.
     fn from_slices(slices: &[Slice], rate: u64) -> OpenLoop {
@@ -1154,7 +1163,7 @@ fn latency_pair(
     }
     std::thread::sleep(Duration::from_millis(500));
     let mut slices: [Vec<Slice>; 2] = Default::default();
-    for round in 0..secs {
+    'rounds: for round in 0..secs {
         let warm_up = if round == 0 {
             Duration::from_secs(warm)
         } else {
@@ -1163,7 +1172,13 @@ fn latency_pair(
         let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
         for i in order {
             let slice = open_loop_slice(rt, paths[i].1, rate, warm_up, Duration::from_secs(1));
+            let held = slice.held(rate);
             slices[i].push(slice);
+            // A slice that fell behind leaves a backlog (and the connections its devices opened
+            // meanwhile) that would spoil the slices after it, of either path.
+            if !held {
+                break 'rounds;
+            }
         }
     }
     for (_, targets) in &paths {
@@ -1172,6 +1187,14 @@ fn latency_pair(
     let mut runs = Vec::new();
     for ((label, _), slices) in paths.iter().zip(&slices) {
         let run = OpenLoop::from_slices(slices, rate);
+        if slices.is_empty() {
+            println!(
+                "latency     {label:<24} offered {rate:>6}/s not measured: the other path fell \
+                 behind first"
+            );
+            runs.push(run);
+            continue;
+        }
         let i = run.intended;
         println!(
             "latency     {label:<24} offered {rate:>6}/s achieved {:>7.0}/s{}  ok {} failed {}  \
