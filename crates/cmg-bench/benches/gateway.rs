@@ -997,8 +997,7 @@ struct OpenLoop {
     /// How late the request tasks started compared with the schedule.
     start_lag: Percentiles,
     sustained: bool,
-    /// File descriptors this process gained during the run: new device connections (both
-    /// ends, as the gateway runs here too) opened because every one of a device's was busy.
+    /// Summed over the slices (see [`Slice::fds_gained`]).
     fds_gained: i64,
 }
 

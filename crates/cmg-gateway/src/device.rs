@@ -89,7 +89,7 @@ pub(crate) async fn serve(
     let (busy, mut done) = mpsc::channel::<()>(1);
     let mut h2 = http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new());
-    let mut failures = AcceptFailures::default();
+    let mut failures = AcceptFailures::new("device connection");
     loop {
         let (tcp, remote) = tokio::select! {
             accepted = listener.accept() => match accepted {

@@ -300,6 +300,8 @@ impl Gateway {
             config,
         });
         crl::load_files(&shared).map_err(|reason| GatewayError::Config { path: None, reason })?;
+        // Before the first connection is accepted: each one is a file descriptor.
+        let open_file_limit = limits::raise_open_file_limit();
         let (stop_devices, devices_stopped) = watch::channel(false);
         let (stop_tunnels, tunnels_stopped) = watch::channel(false);
         let device_task = tokio::spawn(device::serve(
@@ -332,7 +334,7 @@ impl Gateway {
             c.instance,
             c.fqdn,
             metrics_addr.map_or_else(String::new, |a| format!("; metrics on http://{a}/metrics")),
-            limits::raise_open_file_limit().map_or_else(String::new, |n| format!(
+            open_file_limit.map_or_else(String::new, |n| format!(
                 "; open-file limit {n}, so at most about {n} device connections at once"
             )),
         ));

@@ -2,8 +2,9 @@
 //! every device connection is a file descriptor. Many systems start a service with a soft limit
 //! of 1,024 while allowing far more, which would refuse devices beyond about a thousand; the
 //! gateway raises the soft limit to the hard one when it starts (as Go's runtime does for every
-//! program), and says where it stands. Accept failures are logged at most once a minute, with
-//! the count of those not logged, so that a gateway at its limit does not flood its log.
+//! program), and says where it stands. Accept failures, of devices and of tunnels alike, are
+//! logged at most once a minute, with the count of those not logged, so that a gateway at its
+//! limit does not flood its log.
 
 use std::io;
 use std::time::{Duration, Instant};
@@ -36,15 +37,25 @@ pub(crate) fn raise_open_file_limit() -> Option<u64> {
     Some(limit.rlim_cur)
 }
 
-/// Device connections the accept loop could not take, turned into log lines at most once per
+/// Connections an accept loop could not take, turned into log lines at most once per
 /// [`ACCEPT_FAILURE_LOG_INTERVAL`].
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct AcceptFailures {
+    /// What the loop accepts, as the log line names it ("device connection").
+    what: &'static str,
     last_logged: Option<Instant>,
     unlogged: u64,
 }
 
 impl AcceptFailures {
+    pub fn new(what: &'static str) -> AcceptFailures {
+        AcceptFailures {
+            what,
+            last_logged: None,
+            unlogged: 0,
+        }
+    }
+
     /// Records a failure at `now`; returns the line to log, or `None` when one was logged less
     /// than an interval ago.
     pub fn record(&mut self, now: Instant, error: &io::Error) -> Option<String> {
@@ -61,14 +72,15 @@ impl AcceptFailures {
         };
         self.last_logged = Some(now);
         let action = if matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
-            "; the open-file limit is reached, so new devices are refused until connections \
+            "; the open-file limit is reached, so new connections are refused until others \
              close: raise it (LimitNOFILE= in the service unit, or ulimit -n) or add gateway \
              instances"
         } else {
             ""
         };
         Some(format!(
-            "Cannot accept a device connection: {error}{more}{action}"
+            "Cannot accept a {}: {error}{more}{action}",
+            self.what
         ))
     }
 }
@@ -95,11 +107,15 @@ mod tests {
 
     #[test]
     fn accept_failures_are_logged_once_a_minute_with_the_count_left_out() {
-        let mut failures = AcceptFailures::default();
+        let mut failures = AcceptFailures::new("device connection");
         let start = Instant::now();
         let full = io::Error::from_raw_os_error(libc::EMFILE);
 
         let first = failures.record(start, &full).expect("the first is logged");
+        assert!(
+            first.starts_with("Cannot accept a device connection: "),
+            "{first}"
+        );
         assert!(first.contains("open-file limit is reached"), "{first}");
         assert!(first.contains("LimitNOFILE"), "{first}");
         assert!(!first.contains("more since"), "{first}");

@@ -21,6 +21,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::Shared;
 use crate::error::{Denial, RelayError};
+use crate::limits::AcceptFailures;
 
 /// How long a connection point may take for its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -155,12 +156,15 @@ pub(crate) async fn serve(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut connections = JoinSet::new();
+    let mut failures = AcceptFailures::new("tunnel connection");
     loop {
         let (tcp, remote) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(e) => {
-                    tracing::warn!("cannot accept a tunnel connection: {e}");
+                    if let Some(line) = failures.record(std::time::Instant::now(), &e) {
+                        shared.handler_log.warn(&line);
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
