@@ -52,7 +52,7 @@ impl Http {
         }
         let client = builder
             .build()
-            .map_err(|e| format!("cannot set up HTTPS: {}", chain(&e)))?;
+            .map_err(|e| format!("cannot set up HTTPS: {}", cmg_log::error_chain(&e)))?;
         Ok(Http {
             client,
             resolve: config.resolve.to_vec(),
@@ -104,7 +104,7 @@ pub(crate) async fn call<T: DeserializeOwned>(
 ) -> Result<T, RemoteError> {
     let response = request.send().await.map_err(|e| RemoteError::Unreachable {
         url: url.to_owned(),
-        reason: chain(&e),
+        reason: cmg_log::error_chain(&e),
     })?;
     let status = response.status();
     let bytes = response
@@ -112,7 +112,7 @@ pub(crate) async fn call<T: DeserializeOwned>(
         .await
         .map_err(|e| RemoteError::Unreachable {
             url: url.to_owned(),
-            reason: chain(&e),
+            reason: cmg_log::error_chain(&e),
         })?;
     if !status.is_success() {
         return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
@@ -133,21 +133,6 @@ pub(crate) async fn call<T: DeserializeOwned>(
         url: url.to_owned(),
         reason: e.to_string(),
     })
-}
-
-/// An error with its causes, e.g. `error sending request: … invalid peer certificate: UnknownIssuer`.
-pub(crate) fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

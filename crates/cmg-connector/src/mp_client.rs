@@ -13,6 +13,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use cmg_log::error_chain;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
 use hyper::client::conn::http1::SendRequest;
@@ -211,13 +212,13 @@ impl MpClient {
                     Some(_) => {
                         return Err(MpCallError::Connect {
                             url: url.to_owned(),
-                            reason: e.error().to_string(),
+                            reason: error_chain(e.error()),
                         });
                     }
                     None => {
                         return Err(MpCallError::Failed {
                             url: url.to_owned(),
-                            reason: e.error().to_string(),
+                            reason: error_chain(e.error()),
                         });
                     }
                 },
@@ -228,7 +229,7 @@ impl MpClient {
                 .await
                 .map_err(|e| MpCallError::Failed {
                     url: url.to_owned(),
-                    reason: format!("reading the answer failed: {e}"),
+                    reason: format!("reading the answer failed: {}", error_chain(&*e)),
                 })?
                 .to_bytes();
             pool.put(sender);
@@ -254,10 +255,13 @@ impl MpClient {
                 .map_err(|e| format!("TLS: {e}"))?;
             let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
                 .await
-                .map_err(|e| format!("HTTP/1.1: {e}"))?;
+                .map_err(|e| format!("HTTP/1.1: {}", error_chain(&e)))?;
             tokio::spawn(async move {
                 if let Err(e) = connection.await {
-                    tracing::debug!("connection to a management point ended: {e}");
+                    tracing::debug!(
+                        "connection to a management point ended: {}",
+                        error_chain(&e)
+                    );
                 }
             });
             Ok::<_, String>(sender)

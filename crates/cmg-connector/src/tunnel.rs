@@ -90,7 +90,7 @@ async fn serve_once(
         .serve_connection(TokioIo::new(stream), service)
         .await;
     live.fetch_sub(1, Ordering::Relaxed);
-    result.map_err(|e| format!("the tunnel closed: {e}"))?;
+    result.map_err(|e| format!("the tunnel closed: {}", cmg_log::error_chain(&e)))?;
     Err("the gateway closed the tunnel".into())
 }
 

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use cmg_log::error_chain;
 use cmg_proto::tunnel::{GatewaySettings, LONG_POLL_SECS, SETTINGS};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
@@ -225,7 +226,8 @@ async fn connection(
         Ok(pair) => pair,
         Err(e) => {
             return log.warn(&format!(
-                "Tunnel from {remote} ({subject}) failed its HTTP/2 handshake: {e}"
+                "Tunnel from {remote} ({subject}) failed its HTTP/2 handshake: {}",
+                error_chain(&e)
             ));
         }
     };
@@ -244,7 +246,7 @@ async fn connection(
     let reason = tokio::select! {
         ended = conn => match ended {
             Ok(()) => "the connection point closed it".to_owned(),
-            Err(e) => format!("{e}"),
+            Err(e) => error_chain(&e),
         },
         _ = stop.changed() => "the gateway is shutting down".to_owned(),
     };
@@ -284,7 +286,7 @@ async fn poll_settings(shared: Arc<Shared>, tunnel: Arc<Tunnel>) {
             let response = sender
                 .send_request(request)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| error_chain(&e))?;
             let status = response.status();
             if status == StatusCode::NO_CONTENT {
                 return Ok(None);
@@ -295,7 +297,7 @@ async fn poll_settings(shared: Arc<Shared>, tunnel: Arc<Tunnel>) {
             let body = Limited::new(response.into_body(), MAX_SETTINGS_BYTES)
                 .collect()
                 .await
-                .map_err(|e| format!("reading the settings failed: {e}"))?
+                .map_err(|e| format!("reading the settings failed: {}", error_chain(&*e)))?
                 .to_bytes();
             serde_json::from_slice::<GatewaySettings>(&body)
                 .map(Some)

@@ -156,6 +156,24 @@ pub fn format_line(
     )
 }
 
+/// An error with its causes, for a log line or a message an admin reads: `connection error:
+/// Connection reset by peer (os error 104)`, where the error's own text would stop at
+/// `connection error` (hyper, like many libraries, keeps the cause out of its `Display`).
+/// A cause already in the text so far is not repeated.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 fn thread_number() -> u64 {
     // ThreadId has no stable numeric accessor; its Debug form is `ThreadId(N)`.
     let id = format!("{:?}", std::thread::current().id());
@@ -202,6 +220,38 @@ impl ComponentLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("{text}")]
+    struct Layer {
+        text: &'static str,
+        #[source]
+        cause: Option<Box<Layer>>,
+    }
+
+    fn layer(text: &'static str, cause: Option<Layer>) -> Layer {
+        Layer {
+            text,
+            cause: cause.map(Box::new),
+        }
+    }
+
+    #[test]
+    fn an_error_chain_names_every_cause_once() {
+        let reset = layer("Connection reset by peer (os error 104)", None);
+        assert_eq!(
+            error_chain(&layer("connection error", Some(reset))),
+            "connection error: Connection reset by peer (os error 104)"
+        );
+        // A wrapper that already quotes its cause does not get it twice.
+        let eof = layer("unexpected end of file", None);
+        let quoted = layer("TLS: unexpected end of file", Some(eof));
+        assert_eq!(
+            error_chain(&layer("cannot connect", Some(quoted))),
+            "cannot connect: TLS: unexpected end of file"
+        );
+        assert_eq!(error_chain(&layer("alone", None)), "alone");
+    }
 
     #[test]
     fn lines_follow_the_cmtrace_format() {
