@@ -81,7 +81,10 @@ async fn serve_once(
     let relay = Arc::clone(relay);
     let service = hyper::service::service_fn(move |request| {
         let relay = Arc::clone(&relay);
-        async move { Ok::<_, std::convert::Infallible>(relay.handle(request).await) }
+        // Boxed: the relay's future is about 6 KB (the MP call, in process or over TLS, is
+        // inside it), and hyper moves a stream's future several times on its way into the
+        // task it spawns; a pointer moves for free.
+        Box::pin(async move { Ok::<_, std::convert::Infallible>(relay.handle(request).await) })
     });
     let result = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())

@@ -230,7 +230,9 @@ async fn serve_h2(
     let seen = Arc::clone(&activity);
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
         let in_flight = seen.begin();
-        let answer = handle(Arc::clone(&shared), Arc::clone(&peer), Ok(request));
+        // Boxed: hyper moves the stream's future into a task of its own, and a pointer is
+        // cheaper to move than the request's 2.8 KB future.
+        let answer = Box::pin(handle(Arc::clone(&shared), Arc::clone(&peer), Ok(request)));
         async move {
             let response = answer.await;
             drop(in_flight);
