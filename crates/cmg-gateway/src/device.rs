@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cmg_proto::mp::relay;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::{Bytes, Frame, Incoming};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::server::conn::http2;
@@ -552,7 +552,7 @@ async fn forward_request<B>(
     identity: &Identity,
     thumbprint: HeaderValue,
     outcome: &mut Outcome,
-) -> Result<Request<Full<Bytes>>, RelayError>
+) -> Result<Request<Bytes>, RelayError>
 where
     B: hyper::body::Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -604,7 +604,7 @@ where
     let mut forwarded = Request::builder()
         .method(parts.method)
         .uri(uri)
-        .body(Full::new(body))
+        .body(body)
         .map_err(RelayError::internal)?;
     *forwarded.headers_mut() = headers;
     Ok(forwarded)

@@ -11,7 +11,7 @@ use hyper::body::Bytes;
 use hyper::{Response, StatusCode, header};
 
 /// The body of every response the gateway sends to a device: its own JSON, or a relayed stream.
-pub(crate) type Body = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
+pub(crate) type Body = http_body_util::combinators::BoxBody<Bytes, h2::Error>;
 
 pub(crate) fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into())

@@ -4,17 +4,18 @@
 //! tunnels that are up.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use cmg_log::error_chain;
 use cmg_proto::tunnel::{GatewaySettings, LONG_POLL_SECS, SETTINGS};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::{Bytes, Incoming};
-use hyper::client::conn::http2::SendRequest;
+use h2::client::SendRequest;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::{Body, Bytes, Frame};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -32,24 +33,97 @@ const PING_INTERVAL: Duration = Duration::from_secs(20);
 const PING_TIMEOUT: Duration = Duration::from_secs(20);
 /// A settings answer larger than this is refused (CRLs included, it should be far smaller).
 const MAX_SETTINGS_BYTES: usize = 32 * 1024 * 1024;
+/// HTTP/2 receive windows on a tunnel, per stream and for the whole connection: answers for
+/// many devices share one connection, so its window is several streams' worth.
+const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+/// The largest response head a connection point may send.
+const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 /// After a failed poll, wait this long before the next one on the same tunnel.
 const POLL_RETRY: Duration = Duration::from_secs(5);
 /// Seconds a device is told to wait when no tunnel is up.
 pub(crate) const RETRY_AFTER_SECS: u32 = 30;
 
 /// One connection point's tunnel.
+///
+/// The gateway speaks HTTP/2 on it with `h2` directly rather than through hyper's client, which
+/// spawns a task per request to wait for the answer: here the device's own task waits for it,
+/// so an answer wakes one task instead of two (DESIGN §6, and the gateway bench).
 #[derive(Debug)]
 pub(crate) struct Tunnel {
     pub id: u64,
     pub remote: SocketAddr,
     /// Subject of the connection point's certificate.
     pub subject: String,
-    sender: SendRequest<Full<Bytes>>,
+    sender: SendRequest<Bytes>,
+    /// Cleared when the tunnel's connection ends.
+    up: AtomicBool,
+}
+
+/// Why a request did not get an answer through a tunnel.
+enum Attempt {
+    /// The tunnel could not take the request: nothing was sent, and another tunnel may take it.
+    Unsent(Box<Request<Bytes>>, h2::Error),
+    /// The request went out (or may have): it must not be sent again.
+    Failed(h2::Error),
 }
 
 impl Tunnel {
     fn is_up(&self) -> bool {
-        !self.sender.is_closed()
+        self.up.load(Ordering::Relaxed)
+    }
+
+    async fn send(&self, request: Request<Bytes>) -> Result<Response<TunnelBody>, Attempt> {
+        let mut sender = match self.sender.clone().ready().await {
+            Ok(sender) => sender,
+            Err(e) => return Err(Attempt::Unsent(Box::new(request), e)),
+        };
+        let (head, body) = request.into_parts();
+        let end_of_stream = body.is_empty();
+        let (answer, mut stream) = sender
+            .send_request(Request::from_parts(head, ()), end_of_stream)
+            .map_err(Attempt::Failed)?;
+        if !end_of_stream {
+            // Queued whole: a body is at most `MAX_BODY_BYTES` and already in memory, and h2
+            // sends it as the connection point's window allows.
+            stream.send_data(body, true).map_err(Attempt::Failed)?;
+        }
+        let response = answer.await.map_err(Attempt::Failed)?;
+        Ok(response.map(TunnelBody))
+    }
+}
+
+/// An answer's body as it arrives through a tunnel. Each piece the device takes gives its
+/// share of the flow-control window back to the connection point.
+#[derive(Debug)]
+pub(crate) struct TunnelBody(h2::RecvStream);
+
+impl Body for TunnelBody {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        let stream = &mut self.0;
+        match ready!(stream.poll_data(cx)) {
+            Some(Ok(data)) => {
+                // Fails only when the stream is already gone, which the next poll reports.
+                let _ = stream.flow_control().release_capacity(data.len());
+                Poll::Ready(Some(Ok(Frame::data(data))))
+            }
+            Some(Err(e)) => Poll::Ready(Some(Err(e))),
+            None => match ready!(stream.poll_trailers(cx)) {
+                Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+                Ok(None) => Poll::Ready(None),
+                Err(e) => Poll::Ready(Some(Err(e))),
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_end_stream()
     }
 }
 
@@ -104,8 +178,8 @@ impl Tunnels {
     /// lost silently.
     pub async fn send(
         &self,
-        mut request: Request<Full<Bytes>>,
-    ) -> Result<(u64, Response<Incoming>), RelayError> {
+        mut request: Request<Bytes>,
+    ) -> Result<(u64, Response<TunnelBody>), RelayError> {
         let snapshot = Arc::clone(&self.list.read().unwrap_or_else(|p| p.into_inner()));
         let n = snapshot.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
@@ -114,33 +188,30 @@ impl Tunnels {
             if !tunnel.is_up() {
                 continue;
             }
-            let mut sender = tunnel.sender.clone();
-            match sender.try_send_request(request).await {
+            match tunnel.send(request).await {
                 Ok(response) => return Ok((tunnel.id, response)),
-                Err(mut e) => match e.take_message() {
-                    Some(back) => {
-                        tracing::debug!(
-                            tunnel = tunnel.id,
-                            remote = %tunnel.remote,
-                            subject = %tunnel.subject,
-                            "tunnel could not take a request, trying the next: {}",
-                            e.error()
-                        );
-                        request = back;
-                    }
-                    None => {
-                        return Err(RelayError::Upstream(Denial::new(
-                            StatusCode::BAD_GATEWAY,
-                            "CMGConnector_Error",
-                            format!(
-                                "the connection point behind tunnel {} failed while answering: {}",
-                                tunnel.id,
-                                e.error()
-                            ),
-                            "retry later; the admin finds the cause in SMS_Cloud_ProxyConnector.log",
-                        )));
-                    }
-                },
+                Err(Attempt::Unsent(back, e)) => {
+                    tracing::debug!(
+                        tunnel = tunnel.id,
+                        remote = %tunnel.remote,
+                        subject = %tunnel.subject,
+                        "tunnel could not take a request, trying the next: {}",
+                        error_chain(&e)
+                    );
+                    request = *back;
+                }
+                Err(Attempt::Failed(e)) => {
+                    return Err(RelayError::Upstream(Denial::new(
+                        StatusCode::BAD_GATEWAY,
+                        "CMGConnector_Error",
+                        format!(
+                            "the connection point behind tunnel {} failed while answering: {}",
+                            tunnel.id,
+                            error_chain(&e)
+                        ),
+                        "retry later; the admin finds the cause in SMS_Cloud_ProxyConnector.log",
+                    )));
+                }
             }
         }
         Err(unavailable(
@@ -216,27 +287,35 @@ async fn connection(
         .and_then(|cert| cmg_pki::CertInfo::from_der(cert).ok())
         .map(|info| info.subject)
         .unwrap_or_else(|| "unknown".into());
-    let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
-    builder
-        .timer(TokioTimer::new())
-        .keep_alive_interval(PING_INTERVAL)
-        .keep_alive_timeout(PING_TIMEOUT)
-        .keep_alive_while_idle(true);
-    let (sender, conn) = match builder.handshake(TokioIo::new(stream)).await {
-        Ok(pair) => pair,
-        Err(e) => {
+    let handshake = h2::client::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .enable_push(false)
+        .handshake::<_, Bytes>(stream);
+    let (sender, mut conn) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(pair)) => pair,
+        Ok(Err(e)) => {
             return log.warn(&format!(
                 "Tunnel from {remote} ({subject}) failed its HTTP/2 handshake: {}",
                 error_chain(&e)
             ));
         }
+        Err(_) => {
+            return log.warn(&format!(
+                "Tunnel from {remote} ({subject}) did not finish its HTTP/2 handshake within {} s",
+                HANDSHAKE_TIMEOUT.as_secs()
+            ));
+        }
     };
+    let pings = conn.ping_pong();
     let id = shared.tunnels.ids.fetch_add(1, Ordering::Relaxed) + 1;
     let tunnel = Arc::new(Tunnel {
         id,
         remote,
         subject: subject.clone(),
-        sender: sender.clone(),
+        sender,
+        up: AtomicBool::new(true),
     });
     let count = shared.tunnels.add(Arc::clone(&tunnel));
     log.info(&format!(
@@ -244,12 +323,14 @@ async fn connection(
     ));
     let poll = tokio::spawn(poll_settings(Arc::clone(&shared), Arc::clone(&tunnel)));
     let reason = tokio::select! {
-        ended = conn => match ended {
+        ended = &mut conn => match ended {
             Ok(()) => "the connection point closed it".to_owned(),
             Err(e) => error_chain(&e),
         },
+        dead = keep_alive(pings) => dead,
         _ = stop.changed() => "the gateway is shutting down".to_owned(),
     };
+    tunnel.up.store(false, Ordering::Relaxed);
     poll.abort();
     let count = shared.tunnels.remove(id);
     log.warn(&format!(
@@ -257,13 +338,34 @@ async fn connection(
     ));
 }
 
+/// Pings the connection point every [`PING_INTERVAL`], busy or idle, and returns why the
+/// tunnel counts as dead once a ping goes unanswered for [`PING_TIMEOUT`].
+async fn keep_alive(pings: Option<h2::PingPong>) -> String {
+    // h2 hands out its pinger once per connection, and this is the only caller.
+    let Some(mut pings) = pings else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(PING_INTERVAL).await;
+        match tokio::time::timeout(PING_TIMEOUT, pings.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return format!("its keep-alive ping failed: {}", error_chain(&e)),
+            Err(_) => {
+                return format!(
+                    "it did not answer a keep-alive ping within {} s",
+                    PING_TIMEOUT.as_secs()
+                );
+            }
+        }
+    }
+}
+
 /// Keeps a settings long poll going on one tunnel for as long as it is up.
 async fn poll_settings(shared: Arc<Shared>, tunnel: Arc<Tunnel>) {
-    let mut sender = tunnel.sender.clone();
     // The connection point answers within LONG_POLL_SECS; a poll that takes much longer is stuck.
     let limit = Duration::from_secs(LONG_POLL_SECS * 2 + 5);
     loop {
-        if sender.is_closed() {
+        if !tunnel.is_up() {
             return;
         }
         let uri = match shared.settings_version() {
@@ -272,7 +374,7 @@ async fn poll_settings(shared: Arc<Shared>, tunnel: Arc<Tunnel>) {
         };
         let request = match Request::get(uri)
             .header(cmg_proto::mp::relay::GATEWAY, shared.gateway_header.clone())
-            .body(Full::new(Bytes::new()))
+            .body(Bytes::new())
         {
             Ok(r) => r,
             Err(e) => {
@@ -283,10 +385,12 @@ async fn poll_settings(shared: Arc<Shared>, tunnel: Arc<Tunnel>) {
             }
         };
         let outcome = tokio::time::timeout(limit, async {
-            let response = sender
-                .send_request(request)
+            let response = tunnel
+                .send(request)
                 .await
-                .map_err(|e| error_chain(&e))?;
+                .map_err(|attempt| match attempt {
+                    Attempt::Unsent(_, e) | Attempt::Failed(e) => error_chain(&e),
+                })?;
             let status = response.status();
             if status == StatusCode::NO_CONTENT {
                 return Ok(None);
@@ -308,7 +412,7 @@ async fn poll_settings(shared: Arc<Shared>, tunnel: Arc<Tunnel>) {
             Ok(Ok(Some(settings))) => shared.apply_settings(settings, tunnel.id),
             Ok(Ok(None)) => {}
             Ok(Err(e)) => {
-                if sender.is_closed() {
+                if !tunnel.is_up() {
                     return;
                 }
                 shared.handler_log.warn(&format!(
@@ -325,6 +429,55 @@ async fn poll_settings(shared: Arc<Shared>, tunnel: Arc<Tunnel>) {
                     limit.as_secs()
                 ));
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Client = (
+        SendRequest<Bytes>,
+        h2::client::Connection<tokio::io::DuplexStream, Bytes>,
+    );
+
+    /// An HTTP/2 client (a gateway's end of a tunnel) connected to an in-memory server.
+    async fn pair() -> (
+        Client,
+        h2::server::Connection<tokio::io::DuplexStream, Bytes>,
+    ) {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(h2::server::handshake(server_io));
+        let client = h2::client::handshake(client_io).await.unwrap();
+        (client, server.await.unwrap().unwrap())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tunnel_whose_connection_point_stops_answering_pings_is_dead() {
+        // The server side is never polled again, as a connection point whose host froze.
+        let ((_sender, mut client), _frozen) = pair().await;
+        let pings = client.ping_pong();
+        let dead = tokio::select! {
+            ended = &mut client => panic!("the connection ended first: {ended:?}"),
+            dead = keep_alive(pings) => dead,
+        };
+        assert_eq!(
+            dead, "it did not answer a keep-alive ping within 20 s",
+            "{dead}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tunnel_that_answers_its_pings_stays_up() {
+        let ((_sender, mut client), mut server) = pair().await;
+        tokio::spawn(async move { while server.accept().await.is_some() {} });
+        let pings = client.ping_pong();
+        tokio::select! {
+            ended = &mut client => panic!("the connection ended: {ended:?}"),
+            dead = keep_alive(pings) => panic!("a live tunnel counted as dead: {dead}"),
+            // Five ping intervals.
+            () = tokio::time::sleep(PING_INTERVAL * 5) => {}
         }
     }
 }

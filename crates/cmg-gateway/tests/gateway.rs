@@ -641,15 +641,14 @@ async fn without_a_tunnel_devices_get_503_with_retry_after_and_tunnels_round_rob
 
     first.stop();
     eventually("one tunnel", || h.gateway.tunnels() == 1).await;
-    // The log gives the cause (this connection point went without closing TLS), not only
-    // hyper's "connection error".
+    // The log gives the cause: this connection point went without closing TLS.
     let log = std::fs::read_to_string(h.dir.path().join("logs/CMGHttpHandler.log")).unwrap();
     let gone = log
         .lines()
         .find(|l| l.contains("disconnected:"))
         .expect("a disconnected line");
     assert!(
-        gone.contains("disconnected: connection error: peer closed connection without sending TLS close_notify"),
+        gone.contains("disconnected: peer closed connection without sending TLS close_notify"),
         "{gone}"
     );
     for _ in 0..3 {
