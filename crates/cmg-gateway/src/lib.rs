@@ -3,7 +3,8 @@
 //! - [`device`] terminates devices' TLS (asking for, not requiring, a client certificate),
 //!   checks every request against the URL map and the device's token (DESIGN §4), and relays it;
 //! - [`tunnel`] accepts connection points (client certificates from the site root only), is the
-//!   HTTP/2 client on each tunnel, keeps a settings long poll going and round-robins requests;
+//!   HTTP/2 client on each tunnel, keeps a settings long poll going and spreads requests over
+//!   the tunnels (fewest waiting first, round robin among equals);
 //! - [`pki`] decides, once per connection, whether a client certificate chains to a trusted CA
 //!   of the CMG and is not revoked (a PKI device needs no token); [`crl`] loads, fetches and
 //!   refreshes the CRLs it checks against;

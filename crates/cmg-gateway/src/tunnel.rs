@@ -1,7 +1,7 @@
 //! The gateway's side of the tunnels (DESIGN §6): connection points dial in over TLS with a
 //! certificate from the site root; on each connection the gateway is the HTTP/2 *client*. It
-//! keeps a settings long poll going on every tunnel and round-robins device requests over the
-//! tunnels that are up.
+//! keeps a settings long poll going on every tunnel and sends each device request to the tunnel
+//! that is up with the fewest requests waiting, round robin among equals.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -58,6 +58,9 @@ pub(crate) struct Tunnel {
     sender: SendRequest<Bytes>,
     /// Cleared when the tunnel's connection ends.
     up: AtomicBool,
+    /// Device requests sent on this tunnel that have no answer yet (the settings long poll is
+    /// not counted).
+    waiting: AtomicUsize,
 }
 
 /// Why a request did not get an answer through a tunnel.
@@ -90,6 +93,15 @@ impl Tunnel {
         }
         let response = answer.await.map_err(Attempt::Failed)?;
         Ok(response.map(TunnelBody))
+    }
+}
+
+/// Counts a request down from its tunnel's [`Tunnel::waiting`] when dropped.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -173,9 +185,13 @@ impl Tunnels {
         list.len()
     }
 
-    /// Sends a device request over the next healthy tunnel (round robin). A tunnel that closed
-    /// before the request went out hands it back and the next tunnel is tried, so no request is
-    /// lost silently.
+    /// Sends a device request over the live tunnel with the fewest requests waiting for an
+    /// answer, round robin among equals (DESIGN §6 asks for round robin; with every tunnel
+    /// keeping up the two are the same). A tunnel whose connection point stalls — its host
+    /// busy with something else for a few milliseconds — collects waiting requests, and new
+    /// ones go to the others instead of queueing behind it. A tunnel that closed before the
+    /// request went out hands it back and the next tunnel is tried, so no request is lost
+    /// silently.
     pub async fn send(
         &self,
         mut request: Request<Bytes>,
@@ -183,12 +199,26 @@ impl Tunnels {
         let snapshot = Arc::clone(&self.list.read().unwrap_or_else(|p| p.into_inner()));
         let n = snapshot.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        for i in 0..n {
-            let tunnel = &snapshot[(start + i) % n];
+        let round = (0..n).map(|i| (start + i) % n);
+        // `min_by_key` keeps the first of equals: round robin among them.
+        let least_waiting = round
+            .clone()
+            .filter(|&i| snapshot[i].is_up())
+            .min_by_key(|&i| snapshot[i].waiting.load(Ordering::Relaxed));
+        let order = least_waiting
+            .into_iter()
+            .chain(round.filter(|&i| Some(i) != least_waiting));
+        for i in order {
+            let tunnel = &snapshot[i];
             if !tunnel.is_up() {
                 continue;
             }
-            match tunnel.send(request).await {
+            tunnel.waiting.fetch_add(1, Ordering::Relaxed);
+            // Counted down however this ends, the device's going away included.
+            let answered = Waiting(&tunnel.waiting);
+            let sent = tunnel.send(request).await;
+            drop(answered);
+            match sent {
                 Ok(response) => return Ok((tunnel.id, response)),
                 Err(Attempt::Unsent(back, e)) => {
                     tracing::debug!(
@@ -316,6 +346,7 @@ async fn connection(
         subject: subject.clone(),
         sender,
         up: AtomicBool::new(true),
+        waiting: AtomicUsize::new(0),
     });
     let count = shared.tunnels.add(Arc::clone(&tunnel));
     log.info(&format!(
@@ -451,6 +482,97 @@ mod tests {
         let server = tokio::spawn(h2::server::handshake(server_io));
         let client = h2::client::handshake(client_io).await.unwrap();
         (client, server.await.unwrap().unwrap())
+    }
+
+    /// A tunnel to an in-memory connection point that answers every request with `204` after
+    /// `delay` (never, with `None`), and the number of requests it received.
+    async fn tunnel(id: u64, delay: Option<Duration>) -> (Arc<Tunnel>, Arc<AtomicUsize>) {
+        let ((sender, client), mut server) = pair().await;
+        tokio::spawn(client);
+        let received = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&received);
+        tokio::spawn(async move {
+            let mut unanswered = Vec::new();
+            while let Some(Ok((_, mut respond))) = server.accept().await {
+                counter.fetch_add(1, Ordering::Relaxed);
+                match delay {
+                    Some(delay) => {
+                        tokio::spawn(async move {
+                            tokio::time::sleep(delay).await;
+                            let mut answer = Response::new(());
+                            *answer.status_mut() = StatusCode::NO_CONTENT;
+                            let _ = respond.send_response(answer, true);
+                        });
+                    }
+                    None => unanswered.push(respond),
+                }
+            }
+        });
+        let tunnel = Arc::new(Tunnel {
+            id,
+            remote: SocketAddr::from(([127, 0, 0, 1], 10140)),
+            subject: format!("CN=connection point {id}"),
+            sender,
+            up: AtomicBool::new(true),
+            waiting: AtomicUsize::new(0),
+        });
+        (tunnel, received)
+    }
+
+    fn get() -> Request<Bytes> {
+        Request::get("https://cmg.test/CCM_Proxy_MutualAuth/72057594037927939/SMS_MP/.sms_pol")
+            .body(Bytes::new())
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn requests_go_round_robin_and_not_to_a_tunnel_that_stopped_answering() {
+        let tunnels = Arc::new(Tunnels::default());
+        let (first, first_got) = tunnel(1, Some(Duration::ZERO)).await;
+        let (second, second_got) = tunnel(2, Some(Duration::ZERO)).await;
+        tunnels.add(first);
+        tunnels.add(second);
+        for _ in 0..4 {
+            let (_, answer) = tunnels
+                .send(get())
+                .await
+                .unwrap_or_else(|_| panic!("refused"));
+            assert_eq!(answer.status(), StatusCode::NO_CONTENT);
+        }
+        // Both keeping up: plain round robin.
+        assert_eq!(
+            (
+                first_got.load(Ordering::Relaxed),
+                second_got.load(Ordering::Relaxed)
+            ),
+            (2, 2)
+        );
+
+        // A third tunnel whose connection point takes requests and never answers them.
+        let (stuck, stuck_got) = tunnel(3, None).await;
+        tunnels.add(stuck);
+        let mut waiting = Vec::new();
+        while stuck_got.load(Ordering::Relaxed) == 0 {
+            let tunnels = Arc::clone(&tunnels);
+            waiting.push(tokio::spawn(
+                async move { tunnels.send(get()).await.is_ok() },
+            ));
+            tokio::task::yield_now().await;
+        }
+        for _ in 0..12 {
+            let answered = tokio::time::timeout(Duration::from_secs(5), tunnels.send(get()))
+                .await
+                .expect("a request queued behind the stuck tunnel");
+            assert!(answered.is_ok());
+        }
+        assert_eq!(
+            stuck_got.load(Ordering::Relaxed),
+            1,
+            "one request is stuck, no more"
+        );
+        for task in waiting {
+            task.abort();
+        }
     }
 
     #[tokio::test(start_paused = true)]
