@@ -96,8 +96,15 @@ impl Tunnel {
     }
 }
 
-/// Counts a request down from its tunnel's [`Tunnel::waiting`] when dropped.
+/// A request counted in its tunnel's [`Tunnel::waiting`] from `begin` until dropped.
 struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn begin(waiting: &'a AtomicUsize) -> Waiting<'a> {
+        waiting.fetch_add(1, Ordering::Relaxed);
+        Waiting(waiting)
+    }
+}
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
@@ -213,9 +220,8 @@ impl Tunnels {
             if !tunnel.is_up() {
                 continue;
             }
-            tunnel.waiting.fetch_add(1, Ordering::Relaxed);
             // Counted down however this ends, the device's going away included.
-            let answered = Waiting(&tunnel.waiting);
+            let answered = Waiting::begin(&tunnel.waiting);
             let sent = tunnel.send(request).await;
             drop(answered);
             match sent {
