@@ -999,6 +999,9 @@ struct OpenLoop {
     sustained: bool,
     /// Summed over the slices (see [`Slice::fds_gained`]).
     fds_gained: i64,
+    /// CPU time of the whole process (load generator included) per request sent: how near the
+    /// offered rate is to what the two cores can do on this path.
+    cpu_per_request: Duration,
 }
 
 /// One stretch of the fixed schedule: the requests due after its warm-up.
@@ -1011,6 +1014,10 @@ struct Slice {
     /// File descriptors this process gained during the slice: new device connections (both
     /// ends, as the gateway runs here too) opened because every one of a device's was busy.
     fds_gained: i64,
+    /// CPU time of the whole process from the first request due to the last answer, warm-up
+    /// included, and the requests sent in that time.
+    cpu: Duration,
+    sent: u64,
 }
 
 /// Sends `rate` requests/s for `warm + measure` on a fixed schedule, round-robin over the
@@ -1029,6 +1036,7 @@ fn open_loop_slice(
     let samples: Arc<Mutex<Vec<Sample>>> = Arc::new(Mutex::new(Vec::with_capacity(total as usize)));
     let handle = rt.handle().clone();
     let fds_before = open_fds(std::process::id());
+    let cpu_before = process_cpu();
     let start = Instant::now() + Duration::from_millis(20);
     let due_at = |i: u64| {
         start + Duration::from_nanos((u128::from(i) * 1_000_000_000 / u128::from(rate)) as u64)
@@ -1066,6 +1074,7 @@ fn open_loop_slice(
     {
         std::thread::sleep(Duration::from_millis(10));
     }
+    let cpu = process_cpu().saturating_sub(cpu_before);
     let mut measured = std::mem::take(&mut *samples.lock().unwrap_or_else(|p| p.into_inner()));
     measured.retain(|s| s.index >= warm_count);
     // `CMG_BENCH_SAMPLES=FILE`: every measured request as `due_ms,latency_ms,ok` (appended),
@@ -1098,6 +1107,8 @@ fn open_loop_slice(
         expected: (total - warm_count) as usize,
         span: last_done.saturating_duration_since(first_due).as_secs_f64(),
         fds_gained: open_fds(std::process::id()) as i64 - fds_before as i64,
+        cpu,
+        sent: total,
         measured,
     }
 }
@@ -1132,6 +1143,8 @@ impl OpenLoop {
             ),
             sustained: failed == 0 && achieved >= 0.95 * rate as f64,
             fds_gained: slices.iter().map(|s| s.fds_gained).sum(),
+            cpu_per_request: slices.iter().map(|s| s.cpu).sum::<Duration>()
+                / slices.iter().map(|s| s.sent).sum::<u64>().clamp(1, u64::from(u32::MAX)) as u32,
         }
     }
 }
@@ -1199,7 +1212,7 @@ fn latency_pair(
             "latency     {label:<24} offered {rate:>6}/s achieved {:>7.0}/s{}  ok {} failed {}  \
              p50 {:.3} ms  p90 {:.3} ms  p99 {:.3} ms  max {:.3} ms  \
              (from task start: p50 {:.3} ms p99 {:.3} ms; task start lag p99 {:.3} ms; \
-             file descriptors gained {})",
+             file descriptors gained {}; {:.0} µs CPU/request)",
             run.achieved,
             if run.sustained {
                 ""
@@ -1216,6 +1229,7 @@ fn latency_pair(
             ms(run.service.p99),
             ms(run.start_lag.p99),
             run.fds_gained,
+            run.cpu_per_request.as_secs_f64() * 1e6,
         );
         println!(
             "{}",
@@ -1225,7 +1239,8 @@ fn latency_pair(
                    "secs": secs, "p50_ms": ms(i.p50), "p90_ms": ms(i.p90),
                    "p99_ms": ms(i.p99), "max_ms": ms(i.max),
                    "service_p50_ms": ms(run.service.p50), "service_p99_ms": ms(run.service.p99),
-                   "start_lag_p99_ms": ms(run.start_lag.p99)})
+                   "start_lag_p99_ms": ms(run.start_lag.p99),
+                   "cpu_us_per_request": run.cpu_per_request.as_micros()})
         );
         runs.push(run);
     }
