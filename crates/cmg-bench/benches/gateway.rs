@@ -19,7 +19,8 @@
 //!    request's *intended* send time. The two paths run in alternating one-second slices, so
 //!    that a slow phase of a shared VM falls on both alike. A slice that falls behind the
 //!    schedule ends the pair, whose backlog would spoil the slices after it; the pair then runs
-//!    again at a lower rate.
+//!    again at a lower rate. Each path also reports the process's CPU time per request at that
+//!    rate: how much of the two cores the offered rate takes on it.
 //! 3. **Memory per idle TLS device connection**: the gateway runs in a child process (this
 //!    binary re-executed with `CMG_BENCH_ROLE=gateway`); the parent opens N mutually
 //!    authenticated TLS connections, sends one request on each, leaves them idle and reads the
@@ -1144,7 +1145,11 @@ impl OpenLoop {
             sustained: failed == 0 && achieved >= 0.95 * rate as f64,
             fds_gained: slices.iter().map(|s| s.fds_gained).sum(),
             cpu_per_request: slices.iter().map(|s| s.cpu).sum::<Duration>()
-                / slices.iter().map(|s| s.sent).sum::<u64>().clamp(1, u64::from(u32::MAX)) as u32,
+                / slices
+                    .iter()
+                    .map(|s| s.sent)
+                    .sum::<u64>()
+                    .clamp(1, u64::from(u32::MAX)) as u32,
         }
     }
 }
