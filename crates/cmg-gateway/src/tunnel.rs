@@ -514,15 +514,19 @@ mod tests {
                 }
             }
         });
-        let tunnel = Arc::new(Tunnel {
+        (Arc::new(up(id, sender)), received)
+    }
+
+    /// A live tunnel with nothing waiting, sending through `sender`.
+    fn up(id: u64, sender: SendRequest<Bytes>) -> Tunnel {
+        Tunnel {
             id,
             remote: SocketAddr::from(([127, 0, 0, 1], 10140)),
             subject: format!("CN=connection point {id}"),
             sender,
             up: AtomicBool::new(true),
             waiting: AtomicUsize::new(0),
-        });
-        (tunnel, received)
+        }
     }
 
     fn get() -> Request<Bytes> {
@@ -579,6 +583,33 @@ mod tests {
         for task in waiting {
             task.abort();
         }
+    }
+
+    #[tokio::test]
+    async fn an_answer_larger_than_the_flow_control_window_arrives_whole() {
+        // Four times the 64 KiB window of `pair`'s client: unless the body gives the window back
+        // as it is read, the connection point stops after the first 64 KiB and this never ends.
+        let sent = Bytes::from(vec![b'x'; 4 * 65_535]);
+        let ((sender, client), mut server) = pair().await;
+        tokio::spawn(client);
+        let body = sent.clone();
+        tokio::spawn(async move {
+            let Some(Ok((_, mut respond))) = server.accept().await else {
+                return;
+            };
+            let mut stream = respond.send_response(Response::new(()), false).unwrap();
+            stream.send_data(body, true).unwrap();
+            while server.accept().await.is_some() {}
+        });
+        let Ok(answer) = up(1, sender).send(get()).await else {
+            panic!("refused");
+        };
+        let received = tokio::time::timeout(Duration::from_secs(10), answer.into_body().collect())
+            .await
+            .expect("the whole answer within 10 s")
+            .unwrap()
+            .to_bytes();
+        assert_eq!(received, sent);
     }
 
     #[tokio::test(start_paused = true)]
