@@ -206,11 +206,10 @@ impl Connector {
         let relay = Arc::new(relay::Relay::new(
             site,
             state,
-            options.cmg.clone(),
+            &options,
             mp_client,
-            options.in_process.clone(),
             log.clone(),
-            options.verbose,
+            stopped.clone(),
         ));
         let live = Arc::new(AtomicUsize::new(0));
         let per_instance = options
@@ -262,11 +261,20 @@ impl Connector {
         self.live.load(Ordering::Relaxed)
     }
 
-    /// Closes every tunnel and stops dialling.
+    /// Stops dialling and closes every tunnel gracefully: the gateways send no new request to
+    /// this connection point, and the ones in flight are answered first (for at most 30 s).
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         for task in self.tasks {
             let _ = task.await;
+        }
+    }
+
+    /// Stops at once, as a crash or `kill -9` would: the tunnels close without a word to the
+    /// gateways, and the requests in flight on them are lost (the gateways answer them `502`).
+    pub fn abort(self) {
+        for task in self.tasks {
+            task.abort();
         }
     }
 }

@@ -16,6 +16,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Body;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode, header};
+use tokio::sync::watch;
 
 use crate::mp_client::{MpCallError, MpClient};
 
@@ -50,6 +51,9 @@ pub(crate) struct Relay {
     pub traffic: Mutex<HashMap<String, Counts>>,
     /// Set when the CMG passed its critical outbound data threshold with "stop at critical" on.
     pub stopped: AtomicBool,
+    /// Turns true when the connection point stops: a waiting settings long poll then answers at
+    /// once, so that the tunnels' drain does not wait for it.
+    stopping: watch::Receiver<bool>,
 }
 
 /// What was relayed for one endpoint: requests, bytes in, bytes out.
@@ -66,23 +70,23 @@ impl Relay {
     pub fn new(
         site: Arc<Site>,
         state: StateWatch,
-        cmg: String,
+        options: &crate::ConnectorOptions,
         mp_client: MpClient,
-        in_process: Vec<InProcessMp>,
         log: ComponentLog,
-        verbose: bool,
+        stopping: watch::Receiver<bool>,
     ) -> Self {
         Relay {
             site,
             state,
-            cmg,
+            cmg: options.cmg.clone(),
             mp_client,
-            in_process,
+            in_process: options.in_process.clone(),
             log,
-            verbose,
+            verbose: options.verbose,
             next: AtomicUsize::new(0),
             traffic: Mutex::new(HashMap::new()),
             stopped: AtomicBool::new(false),
+            stopping,
         }
     }
 
@@ -115,18 +119,21 @@ impl Relay {
             .and_then(|v| v.parse::<i64>().ok())
             .unwrap_or(i64::MIN);
         let mut state = self.state.clone();
-        let ready = tokio::time::timeout(
-            Duration::from_secs(tunnel::LONG_POLL_SECS),
-            state.wait_for(|s| s.version > after),
-        )
-        .await;
+        let mut stopping = self.stopping.clone();
+        let ready = tokio::select! {
+            changed = tokio::time::timeout(
+                Duration::from_secs(tunnel::LONG_POLL_SECS),
+                state.wait_for(|s| s.version > after),
+            ) => changed.map(|changed| changed.is_ok()),
+            _ = stopping.wait_for(|s| *s) => Ok(false),
+        };
         match ready {
-            Ok(Ok(_)) => {
+            Ok(true) => {
                 let current = self.state.borrow().clone();
                 let body = serde_json::to_vec(&self.gateway_settings(&current)).unwrap_or_default();
                 reply(StatusCode::OK, Bytes::from(body))
             }
-            Ok(Err(_)) => error(
+            Ok(false) => error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "CMGConnector_Unavailable",
                 "the connection point is stopping",

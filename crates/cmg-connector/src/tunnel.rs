@@ -1,5 +1,10 @@
 //! Keeping one tunnel up: dial, TLS, serve HTTP/2 on it, and dial again with backoff and jitter
 //! when it drops. HTTP/2 pings find a dead tunnel within a minute (DESIGN §6).
+//!
+//! Stopping closes a tunnel gracefully: a GOAWAY tells the gateway to send no more requests on
+//! it (it sends them to another tunnel), the requests already on it are answered, and then the
+//! TLS session is closed with `close_notify`. So stopping one of several connection points
+//! loses no request, where killing one loses those in flight.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -19,6 +24,17 @@ const PING_INTERVAL: Duration = Duration::from_secs(60);
 const PING_TIMEOUT: Duration = Duration::from_secs(20);
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+/// How long a stopping tunnel waits for the answers still in flight: as long as the gateway
+/// waits for one.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How a tunnel that came up ended.
+enum Ended {
+    /// Closed on stop, after the answers in flight (or the drain time-out).
+    Stopped,
+    /// Lost or closed by the gateway; dial again.
+    Lost(String),
+}
 
 pub(crate) async fn keep(
     target: TunnelTarget,
@@ -32,15 +48,12 @@ pub(crate) async fn keep(
     let mut backoff = FIRST_BACKOFF;
     loop {
         let started = tokio::time::Instant::now();
-        let outcome = tokio::select! {
-            outcome = serve_once(&target, &tls, &relay, &live, &log) => outcome,
-            _ = stop.changed() => return,
-        };
-        if let Err(e) = outcome {
-            log.warn(&format!(
-                "Tunnel to gateway {} ({}) is down: {e}",
+        match serve_once(&target, &tls, &relay, &live, &log, stop.clone()).await {
+            Ended::Stopped => return,
+            Ended::Lost(why) => log.warn(&format!(
+                "Tunnel to gateway {} ({}) is down: {why}",
                 target.addr, target.server_name
-            ));
+            )),
         }
         // A tunnel that lived a while starts over with short waits.
         if started.elapsed() > PING_INTERVAL {
@@ -50,7 +63,7 @@ pub(crate) async fn keep(
         backoff = (backoff * 2).min(max_backoff);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = stop.changed() => return,
+            _ = stopping(&mut stop) => return,
         }
     }
 }
@@ -61,18 +74,15 @@ async fn serve_once(
     relay: &Arc<Relay>,
     live: &AtomicUsize,
     log: &ComponentLog,
-) -> Result<(), String> {
-    let tcp = tokio::time::timeout(DIAL_TIMEOUT, tokio::net::TcpStream::connect(target.addr))
-        .await
-        .map_err(|_| "timed out connecting".to_owned())?
-        .map_err(|e| format!("cannot connect: {e}"))?;
-    let _ = tcp.set_nodelay(true);
-    let name = ServerName::try_from(target.server_name.clone())
-        .map_err(|e| format!("bad server name: {e}"))?;
-    let stream = tokio::time::timeout(DIAL_TIMEOUT, tls.connect(name, tcp))
-        .await
-        .map_err(|_| "timed out in the TLS handshake".to_owned())?
-        .map_err(|e| format!("TLS handshake failed: {e}"))?;
+    mut stop: watch::Receiver<bool>,
+) -> Ended {
+    let stream = tokio::select! {
+        dialled = dial(target, tls) => match dialled {
+            Ok(stream) => stream,
+            Err(why) => return Ended::Lost(why),
+        },
+        _ = stopping(&mut stop) => return Ended::Stopped,
+    };
     log.info(&format!(
         "Connected to gateway {} ({})",
         target.addr, target.server_name
@@ -86,15 +96,92 @@ async fn serve_once(
         // task it spawns; a pointer moves for free.
         Box::pin(async move { Ok::<_, std::convert::Infallible>(relay.handle(request).await) })
     });
-    let result = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+    let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(PING_INTERVAL))
         .keep_alive_timeout(PING_TIMEOUT)
-        .serve_connection(TokioIo::new(stream), service)
-        .await;
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    let ended = tokio::select! {
+        result = connection.as_mut() => Ended::Lost(match result {
+            Ok(()) => "the gateway closed the tunnel".into(),
+            Err(e) => format!("the tunnel closed: {}", cmg_log::error_chain(&e)),
+        }),
+        _ = stopping(&mut stop) => {
+            log.info(&format!(
+                "Closing the tunnel to gateway {} ({}): the connection point is stopping; \
+                 the gateway sends new requests elsewhere, the ones in flight are answered first",
+                target.addr, target.server_name
+            ));
+            connection.as_mut().graceful_shutdown();
+            match tokio::time::timeout(DRAIN_TIMEOUT, connection.as_mut()).await {
+                Ok(Ok(())) => log.info(&format!(
+                    "Closed the tunnel to gateway {} ({})",
+                    target.addr, target.server_name
+                )),
+                Ok(Err(e)) if hung_up(&e) => log.info(&format!(
+                    "Closed the tunnel to gateway {} ({}); the gateway hung up first",
+                    target.addr, target.server_name
+                )),
+                Ok(Err(e)) => log.warn(&format!(
+                    "The tunnel to gateway {} ({}) failed while closing: {}",
+                    target.addr,
+                    target.server_name,
+                    cmg_log::error_chain(&e)
+                )),
+                Err(_) => log.warn(&format!(
+                    "Closed the tunnel to gateway {} ({}) with requests still in flight after {} s",
+                    target.addr,
+                    target.server_name,
+                    DRAIN_TIMEOUT.as_secs()
+                )),
+            }
+            Ended::Stopped
+        }
+    };
     live.fetch_sub(1, Ordering::Relaxed);
-    result.map_err(|e| format!("the tunnel closed: {}", cmg_log::error_chain(&e)))?;
-    Err("the gateway closed the tunnel".into())
+    ended
+}
+
+async fn dial(
+    target: &TunnelTarget,
+    tls: &TlsConnector,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+    let tcp = tokio::time::timeout(DIAL_TIMEOUT, tokio::net::TcpStream::connect(target.addr))
+        .await
+        .map_err(|_| "timed out connecting".to_owned())?
+        .map_err(|e| format!("cannot connect: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    let name = ServerName::try_from(target.server_name.clone())
+        .map_err(|e| format!("bad server name: {e}"))?;
+    tokio::time::timeout(DIAL_TIMEOUT, tls.connect(name, tcp))
+        .await
+        .map_err(|_| "timed out in the TLS handshake".to_owned())?
+        .map_err(|e| format!("TLS handshake failed: {e}"))
+}
+
+/// Whether a closing tunnel ended because the gateway hung up first, which it does as soon as
+/// the GOAWAY finds nothing in flight, before the connection point's last frames reach it.
+fn hung_up(error: &hyper::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionReset, UnexpectedEof};
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = cause {
+        let io = e
+            .downcast_ref::<h2::Error>()
+            .and_then(h2::Error::get_io)
+            .or_else(|| e.downcast_ref::<std::io::Error>());
+        if let Some(io) = io {
+            return matches!(io.kind(), BrokenPipe | ConnectionReset | UnexpectedEof);
+        }
+        cause = e.source();
+    }
+    false
+}
+
+/// Resolves once the connection point is stopping (at once if it already is).
+async fn stopping(stop: &mut watch::Receiver<bool>) {
+    // An error means the sender is gone, which only happens once everything stops.
+    let _ = stop.wait_for(|s| *s).await;
 }
 
 /// ±25 % so that many connection points do not redial in step.

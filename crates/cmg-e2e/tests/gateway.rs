@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use cmg_store::testing::test_stores;
 use cmg_testkit::customer_pki::{self, serve_crl};
-use cmg_testkit::{TestSite, claims};
+use cmg_testkit::{TestCmg, TestSite, claims};
 use reqwest::StatusCode;
 use serde_json::Value;
 
@@ -287,10 +287,13 @@ async fn traffic_is_reported_per_endpoint_and_cmg_changes_reach_running_gateways
     }
 }
 
-#[tokio::test]
-async fn with_two_connection_points_losing_one_loses_no_request_that_was_not_sent() {
-    let site = TestSite::start(cmg_store::testing::sqlite_store().await).await;
-    let mut cmg = site.cmg(1).await;
+/// Four devices sending policy requests one after another through one gateway instance while
+/// `cut` takes one of its two connection points away; every status they got.
+async fn policy_load_across(
+    cmg: &mut TestCmg,
+    site: &TestSite,
+    cut: impl AsyncFnOnce(&mut TestCmg),
+) -> Vec<StatusCode> {
     cmg.start_connector().await;
     let admin = site.admin().await;
     let bulk = admin.new_bulk_token(Default::default()).await.unwrap();
@@ -313,26 +316,80 @@ async fn with_two_connection_points_losing_one_loses_no_request_that_was_not_sen
         }));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    cmg.stop_connector().await;
+    cut(cmg).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     running.store(false, std::sync::atomic::Ordering::Relaxed);
-    let mut served = 0;
-    let mut cut_in_flight = 0;
+    let mut statuses = Vec::new();
     for load in loads {
-        for status in load.await.unwrap() {
-            match status {
-                StatusCode::OK => served += 1,
-                // Sent on the tunnel that went away, before its answer came back.
-                StatusCode::BAD_GATEWAY => cut_in_flight += 1,
-                other => panic!("a request was lost with {other}"),
-            }
+        statuses.extend(load.await.unwrap());
+    }
+    let served = statuses.iter().filter(|s| **s == StatusCode::OK).count();
+    assert!(served > 20, "{served}");
+    statuses
+}
+
+#[tokio::test]
+async fn with_two_connection_points_killing_one_loses_no_request_that_was_not_sent() {
+    let site = TestSite::start(cmg_store::testing::sqlite_store().await).await;
+    let mut cmg = site.cmg(1).await;
+    let statuses =
+        policy_load_across(&mut cmg, &site, async |cmg| cmg.kill_connector().await).await;
+    let mut cut_in_flight = 0;
+    for status in statuses {
+        match status {
+            StatusCode::OK => {}
+            // Sent on the tunnel that went away, before its answer came back.
+            StatusCode::BAD_GATEWAY => cut_in_flight += 1,
+            other => panic!("a request was lost with {other}"),
         }
     }
-    assert!(served > 20, "{served}");
     assert!(
         cut_in_flight <= 4,
         "only requests in flight at the cut may fail: {cut_in_flight}"
     );
+    cmg.shutdown().await;
+    site.shutdown().await;
+}
+
+#[tokio::test]
+async fn with_two_connection_points_stopping_one_loses_no_request_at_all() {
+    let site = TestSite::start(cmg_store::testing::sqlite_store().await).await;
+    let mut cmg = site.cmg(1).await;
+    let statuses =
+        policy_load_across(&mut cmg, &site, async |cmg| cmg.stop_connector().await).await;
+    let failed: Vec<_> = statuses.iter().filter(|s| **s != StatusCode::OK).collect();
+    assert!(
+        failed.is_empty(),
+        "a stopping connection point drains its tunnels, yet {} of {} requests failed: {failed:?}",
+        failed.len(),
+        statuses.len()
+    );
+    // Both ends say what happened, and neither calls it a fault.
+    let connector = connector_log(&site);
+    for expected in [
+        "Closing the tunnel to gateway",
+        "Closed the tunnel to gateway",
+    ] {
+        assert!(
+            connector.contains(expected),
+            "no '{expected}' in:\n{connector}"
+        );
+    }
+    let gateway = cmg.gateway_log(1, "CMGHttpHandler.log");
+    let closed: Vec<_> = gateway
+        .lines()
+        .filter(|l| l.contains("disconnected: the connection point closed it"))
+        .collect();
+    assert_eq!(
+        closed.len(),
+        cmg.connector_options.tunnels_per_instance,
+        "{gateway}"
+    );
+    assert!(
+        closed.iter().all(|l| l.contains("type=\"1\"")),
+        "{closed:?}"
+    );
+    assert!(!gateway.contains("close_notify"), "{gateway}");
     cmg.shutdown().await;
     site.shutdown().await;
 }

@@ -65,8 +65,10 @@ pub(crate) struct Tunnel {
 
 /// Why a request did not get an answer through a tunnel.
 enum Attempt {
-    /// The tunnel could not take the request: nothing was sent, and another tunnel may take it.
-    Unsent(Box<Request<Bytes>>, h2::Error),
+    /// The connection point did not take the request: the tunnel was closing or closed before
+    /// the request went out, or its GOAWAY or `REFUSED_STREAM` says the request was not
+    /// processed (RFC 9113 §6.8, §8.7). Another tunnel may take it.
+    Refused(h2::Error),
     /// The request went out (or may have): it must not be sent again.
     Failed(h2::Error),
 }
@@ -76,23 +78,49 @@ impl Tunnel {
         self.up.load(Ordering::Relaxed)
     }
 
-    async fn send(&self, request: Request<Bytes>) -> Result<Response<TunnelBody>, Attempt> {
-        let mut sender = match self.sender.clone().ready().await {
-            Ok(sender) => sender,
-            Err(e) => return Err(Attempt::Unsent(Box::new(request), e)),
-        };
-        let (head, body) = request.into_parts();
-        let end_of_stream = body.is_empty();
+    /// Sends a copy of `request`, so that a tunnel that refuses it leaves it for the next. The
+    /// copy shares the body and the header values; only the header table is new.
+    async fn send(&self, request: &Request<Bytes>) -> Result<Response<TunnelBody>, Attempt> {
+        let mut sender = self
+            .sender
+            .clone()
+            .ready()
+            .await
+            .map_err(|e| self.closing(e))?;
+        let mut head = Request::new(());
+        *head.method_mut() = request.method().clone();
+        *head.uri_mut() = request.uri().clone();
+        *head.headers_mut() = request.headers().clone();
+        let end_of_stream = request.body().is_empty();
         let (answer, mut stream) = sender
-            .send_request(Request::from_parts(head, ()), end_of_stream)
-            .map_err(Attempt::Failed)?;
+            .send_request(head, end_of_stream)
+            .map_err(|e| match e.is_go_away() || e.is_io() {
+                // The connection ended or got a GOAWAY since `ready`: nothing went out.
+                true => self.closing(e),
+                false => Attempt::Failed(e),
+            })?;
         if !end_of_stream {
             // Queued whole: a body is at most `MAX_BODY_BYTES` and already in memory, and h2
             // sends it as the connection point's window allows.
-            stream.send_data(body, true).map_err(Attempt::Failed)?;
+            stream
+                .send_data(request.body().clone(), true)
+                .map_err(Attempt::Failed)?;
         }
-        let response = answer.await.map_err(Attempt::Failed)?;
+        let response = answer.await.map_err(|e| {
+            if e.is_remote() && (e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM)) {
+                Attempt::Refused(e)
+            } else {
+                Attempt::Failed(e)
+            }
+        })?;
         Ok(response.map(TunnelBody))
+    }
+
+    /// The tunnel takes no new requests (its connection point said GOAWAY, or the connection
+    /// ended): it is no longer chosen, and the request goes to the next.
+    fn closing(&self, e: h2::Error) -> Attempt {
+        self.up.store(false, Ordering::Relaxed);
+        Attempt::Refused(e)
     }
 }
 
@@ -197,11 +225,12 @@ impl Tunnels {
     /// keeping up the two are the same). A tunnel whose connection point stalls — its host
     /// busy with something else for a few milliseconds — collects waiting requests, and new
     /// ones go to the others instead of queueing behind it. A tunnel that closed before the
-    /// request went out hands it back and the next tunnel is tried, so no request is lost
-    /// silently.
+    /// request went out, or that the connection point says it did not process (a connection
+    /// point that stops drains its tunnels), leaves it for the next tunnel, so no request is
+    /// lost silently.
     pub async fn send(
         &self,
-        mut request: Request<Bytes>,
+        request: Request<Bytes>,
     ) -> Result<(u64, Response<TunnelBody>), RelayError> {
         let snapshot = Arc::clone(&self.list.read().unwrap_or_else(|p| p.into_inner()));
         let n = snapshot.len();
@@ -222,19 +251,18 @@ impl Tunnels {
             }
             // Counted down however this ends, the device's going away included.
             let answered = Waiting::begin(&tunnel.waiting);
-            let sent = tunnel.send(request).await;
+            let sent = tunnel.send(&request).await;
             drop(answered);
             match sent {
                 Ok(response) => return Ok((tunnel.id, response)),
-                Err(Attempt::Unsent(back, e)) => {
+                Err(Attempt::Refused(e)) => {
                     tracing::debug!(
                         tunnel = tunnel.id,
                         remote = %tunnel.remote,
                         subject = %tunnel.subject,
-                        "tunnel could not take a request, trying the next: {}",
+                        "tunnel did not take a request, trying the next: {}",
                         error_chain(&e)
                     );
-                    request = *back;
                 }
                 Err(Attempt::Failed(e)) => {
                     return Err(RelayError::Upstream(Denial::new(
@@ -359,20 +387,27 @@ async fn connection(
         "Tunnel {id} connected from {remote} ({subject}); {count} tunnel(s) connected"
     ));
     let poll = tokio::spawn(poll_settings(Arc::clone(&shared), Arc::clone(&tunnel)));
-    let reason = tokio::select! {
+    // A connection point that stops or is removed closes its tunnels gracefully: that is news,
+    // not a fault.
+    let (reason, fault) = tokio::select! {
         ended = &mut conn => match ended {
-            Ok(()) => "the connection point closed it".to_owned(),
-            Err(e) => error_chain(&e),
+            Ok(()) => ("the connection point closed it".to_owned(), false),
+            Err(e) => (error_chain(&e), true),
         },
-        dead = keep_alive(pings) => dead,
-        _ = stop.changed() => "the gateway is shutting down".to_owned(),
+        dead = keep_alive(pings) => (dead, true),
+        _ = stop.changed() => ("the gateway is shutting down".to_owned(), false),
     };
     tunnel.up.store(false, Ordering::Relaxed);
     poll.abort();
     let count = shared.tunnels.remove(id);
-    log.warn(&format!(
+    let line = format!(
         "Tunnel {id} from {remote} ({subject}) disconnected: {reason}; {count} tunnel(s) connected"
-    ));
+    );
+    if fault {
+        log.warn(&line)
+    } else {
+        log.info(&line)
+    }
 }
 
 /// Pings the connection point every [`PING_INTERVAL`], busy or idle, and returns why the
@@ -395,6 +430,15 @@ async fn keep_alive(pings: Option<h2::PingPong>) -> String {
             }
         }
     }
+}
+
+/// What a settings long poll brought.
+enum Polled {
+    Settings(Box<GatewaySettings>),
+    /// Nothing changed within the poll's time (`204`).
+    Unchanged,
+    /// The connection point answered `503`: it is stopping.
+    Stopping,
 }
 
 /// Keeps a settings long poll going on one tunnel for as long as it is up.
@@ -423,14 +467,17 @@ async fn poll_settings(shared: Arc<Shared>, tunnel: Arc<Tunnel>) {
         };
         let outcome = tokio::time::timeout(limit, async {
             let response = tunnel
-                .send(request)
+                .send(&request)
                 .await
                 .map_err(|attempt| match attempt {
-                    Attempt::Unsent(_, e) | Attempt::Failed(e) => error_chain(&e),
+                    Attempt::Refused(e) | Attempt::Failed(e) => error_chain(&e),
                 })?;
             let status = response.status();
             if status == StatusCode::NO_CONTENT {
-                return Ok(None);
+                return Ok(Polled::Unchanged);
+            }
+            if status == StatusCode::SERVICE_UNAVAILABLE {
+                return Ok(Polled::Stopping);
             }
             if status != StatusCode::OK {
                 return Err(format!("the connection point answered {status}"));
@@ -441,13 +488,21 @@ async fn poll_settings(shared: Arc<Shared>, tunnel: Arc<Tunnel>) {
                 .map_err(|e| format!("reading the settings failed: {}", error_chain(&*e)))?
                 .to_bytes();
             serde_json::from_slice::<GatewaySettings>(&body)
-                .map(Some)
+                .map(|settings| Polled::Settings(Box::new(settings)))
                 .map_err(|e| format!("the settings are not valid JSON GatewaySettings: {e}"))
         })
         .await;
         match outcome {
-            Ok(Ok(Some(settings))) => shared.apply_settings(settings, tunnel.id),
-            Ok(Ok(None)) => {}
+            Ok(Ok(Polled::Settings(settings))) => shared.apply_settings(*settings, tunnel.id),
+            Ok(Ok(Polled::Unchanged)) => {}
+            Ok(Ok(Polled::Stopping)) => {
+                // Its tunnels close once their requests are answered; the others keep polling.
+                shared.handler_log.info(&format!(
+                    "The connection point behind tunnel {} is stopping",
+                    tunnel.id
+                ));
+                tokio::time::sleep(POLL_RETRY).await;
+            }
             Ok(Err(e)) => {
                 if !tunnel.is_up() {
                     return;
@@ -585,6 +640,83 @@ mod tests {
         }
     }
 
+    /// A tunnel to an in-memory connection point that refuses every request unprocessed
+    /// (`REFUSED_STREAM`), or, with `stream_refused` false, says GOAWAY at once and answers
+    /// `204` to the requests it still takes until its connection closes; and the number of
+    /// requests it received.
+    async fn refusing(id: u64, stream_refused: bool) -> (Arc<Tunnel>, Arc<AtomicUsize>) {
+        let ((sender, client), mut server) = pair().await;
+        tokio::spawn(client);
+        let received = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&received);
+        tokio::spawn(async move {
+            if !stream_refused {
+                server.graceful_shutdown();
+            }
+            while let Some(Ok((_, mut respond))) = server.accept().await {
+                counter.fetch_add(1, Ordering::Relaxed);
+                if stream_refused {
+                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                } else {
+                    let mut answer = Response::new(());
+                    *answer.status_mut() = StatusCode::NO_CONTENT;
+                    let _ = respond.send_response(answer, true);
+                }
+            }
+        });
+        (Arc::new(up(id, sender)), received)
+    }
+
+    #[tokio::test]
+    async fn a_request_the_connection_point_refused_unprocessed_goes_to_the_next_tunnel() {
+        let tunnels = Tunnels::default();
+        let (refuser, refused) = refusing(1, true).await;
+        let (answering, answered) = tunnel(2, Some(Duration::ZERO)).await;
+        tunnels.add(Arc::clone(&refuser));
+        tunnels.add(answering);
+        for _ in 0..4 {
+            let Ok((id, answer)) = tunnels.send(get()).await else {
+                panic!("a request refused unprocessed was not sent to the other tunnel");
+            };
+            assert_eq!((id, answer.status()), (2, StatusCode::NO_CONTENT));
+        }
+        assert!(
+            refused.load(Ordering::Relaxed) >= 2,
+            "round robin tried both"
+        );
+        assert_eq!(answered.load(Ordering::Relaxed), 4);
+        // Refusing one stream says nothing about the connection.
+        assert!(refuser.is_up());
+    }
+
+    #[tokio::test]
+    async fn a_tunnel_whose_connection_point_said_goaway_is_no_longer_chosen() {
+        let tunnels = Tunnels::default();
+        let (closing, _) = refusing(1, false).await;
+        let (answering, answered) = tunnel(2, Some(Duration::ZERO)).await;
+        tunnels.add(Arc::clone(&closing));
+        tunnels.add(answering);
+        // Every request is answered, by the closing tunnel while it still takes them and by
+        // the other once its GOAWAY arrived.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while closing.is_up() {
+            assert!(tokio::time::Instant::now() < deadline, "GOAWAY never seen");
+            let Ok((_, answer)) = tunnels.send(get()).await else {
+                panic!("a request was lost while a tunnel closed gracefully");
+            };
+            assert_eq!(answer.status(), StatusCode::NO_CONTENT);
+        }
+        let before = answered.load(Ordering::Relaxed);
+        for _ in 0..4 {
+            let Ok((id, _)) = tunnels.send(get()).await else {
+                panic!("refused");
+            };
+            assert_eq!(id, 2);
+        }
+        assert_eq!(answered.load(Ordering::Relaxed), before + 4);
+        assert_eq!(tunnels.live(), 1);
+    }
+
     #[tokio::test]
     async fn an_answer_larger_than_the_flow_control_window_arrives_whole() {
         // Four times the 64 KiB window of `pair`'s client: unless the body gives the window back
@@ -601,7 +733,7 @@ mod tests {
             stream.send_data(body, true).unwrap();
             while server.accept().await.is_some() {}
         });
-        let Ok(answer) = up(1, sender).send(get()).await else {
+        let Ok(answer) = up(1, sender).send(&get()).await else {
             panic!("refused");
         };
         let received = tokio::time::timeout(Duration::from_secs(10), answer.into_body().collect())

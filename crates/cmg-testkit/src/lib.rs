@@ -395,7 +395,7 @@ pub struct TestCmg {
     mp_role_id: i64,
     site: Arc<Site>,
     state: cmg_site::StateWatch,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl TestSite {
@@ -511,7 +511,7 @@ impl TestSite {
             mp_role_id: self.mp_role_id(),
             site: Arc::clone(self.site()),
             state: self.server().state().clone(),
-            _dir: dir,
+            dir,
         };
         cmg.start_connector().await;
         cmg
@@ -538,15 +538,33 @@ impl TestCmg {
         .await;
     }
 
+    /// What gateway `instance` (1-based) wrote so far to its log `file` (`CMGHttpHandler.log`,
+    /// `CMGService.log`).
+    pub fn gateway_log(&self, instance: usize, file: &str) -> String {
+        let path = self.dir.path().join(format!("logs-{instance}")).join(file);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
     /// Tunnels each gateway instance should have from the running connection points.
     pub fn tunnels(&self) -> usize {
         self.connectors.iter().map(|(_, n)| n).sum()
     }
 
-    /// Stops the oldest connection point (its tunnels close) and waits until the gateways see it.
+    /// Stops the oldest connection point gracefully (its tunnels drain and close) and waits
+    /// until the gateways see it.
     pub async fn stop_connector(&mut self) {
         if !self.connectors.is_empty() {
             self.connectors.remove(0).0.shutdown().await;
+        }
+        let remaining = self.tunnels();
+        self.wait_until(|g| g.tunnels() == remaining).await;
+    }
+
+    /// Kills the oldest connection point, as a crash would (its tunnels are cut), and waits
+    /// until the gateways see it.
+    pub async fn kill_connector(&mut self) {
+        if !self.connectors.is_empty() {
+            self.connectors.remove(0).0.abort();
         }
         let remaining = self.tunnels();
         self.wait_until(|g| g.tunnels() == remaining).await;

@@ -77,7 +77,7 @@ async fn serve(
         _ = crate::shutdown_signal() => false,
         _ = connector.removed() => true,
     };
-    connector.shutdown().await;
+    crate::stop_gracefully("the connection point", connector.shutdown()).await;
     watcher.abort();
     if removed {
         anyhow::bail!(

@@ -118,6 +118,19 @@ pub(crate) async fn shutdown_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
+/// Runs a graceful stop unless a second Ctrl-C or SIGTERM asks to stop at once; returning then
+/// ends the process, which cuts whatever was still open.
+pub(crate) async fn stop_gracefully(what: &str, stop: impl Future<Output = ()>) {
+    eprintln!(
+        "Stopping {what}: the connection point's tunnels close once the requests on them are \
+         answered (at most 30 s); Ctrl-C now stops at once"
+    );
+    tokio::select! {
+        () = stop => {}
+        () = shutdown_signal() => eprintln!("Stopped at once; requests still in flight were cut"),
+    }
+}
+
 /// RFC 3339, for JSON output.
 pub(crate) fn rfc3339(unix: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(unix)

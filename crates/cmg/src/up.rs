@@ -50,7 +50,6 @@ pub async fn run(args: UpArgs, data: DataDir) -> anyhow::Result<()> {
     println!("{}", up.install_command(&token, "./cmg-client"));
     println!("ready");
     crate::shutdown_signal().await;
-    eprintln!("Stopping every role…");
-    up.shutdown().await;
+    crate::stop_gracefully("every role", up.shutdown()).await;
     Ok(())
 }
