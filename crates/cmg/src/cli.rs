@@ -123,9 +123,11 @@ pub struct UpArgs {
 #[derive(Debug, Subcommand)]
 pub enum ConnectorCommand {
     /// Dial out to every instance of a CMG and relay its device traffic to the management
-    /// points, until Ctrl-C. Reads no private key of the site: --data is the site's data
-    /// directory on the site server, or on another host the directory written by
-    /// `cmg admin connector add`. Stops with an error if the connection point is removed.
+    /// points, until Ctrl-C or SIGTERM, which closes the tunnels gracefully: the gateways send
+    /// new requests to other connection points and the ones in flight are answered first (at
+    /// most 30 s; a second Ctrl-C stops at once). Reads no private key of the site: --data is
+    /// the site's data directory on the site server, or on another host the directory written
+    /// by `cmg admin connector add`. Stops with an error if the connection point is removed.
     Run {
         /// The CMG to serve; default: the site's only CMG.
         #[arg(long)]
