@@ -30,6 +30,7 @@ use std::time::Duration;
 use cmg_log::ComponentLog;
 use cmg_site::{Site, StateWatch};
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 /// A gateway instance to keep a tunnel to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,7 +153,12 @@ pub enum ConnectorError {
 /// A running connection point. Stop it with [`Connector::shutdown`].
 pub struct Connector {
     stop: watch::Sender<bool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    tunnels: Vec<JoinHandle<()>>,
+    /// Makes the last traffic report once the tunnels are closed, so that the requests
+    /// answered while they drained are counted too.
+    report_stop: watch::Sender<bool>,
+    reporter: JoinHandle<()>,
+    trust: JoinHandle<()>,
     live: Arc<AtomicUsize>,
     /// Turns true when the site stopped trusting this connection point's certificate.
     removed: watch::Receiver<bool>,
@@ -215,7 +221,7 @@ impl Connector {
         let per_instance = options
             .tunnels_per_instance
             .clamp(1, MAX_TUNNELS_PER_INSTANCE);
-        let tasks = options
+        let tunnels = options
             .targets
             .iter()
             .flat_map(|target| std::iter::repeat_n(target, per_instance))
@@ -231,17 +237,19 @@ impl Connector {
                 ))
             })
             .collect();
-        let mut tasks: Vec<_> = tasks;
-        tasks.push(tokio::spawn(report::every(
+        let (report_stop, report_stopped) = watch::channel(false);
+        let reporter = tokio::spawn(report::every(
             relay,
             options.name.clone(),
             options.report_interval,
-            stopped.clone(),
-        )));
-        tasks.push(trust);
+            report_stopped,
+        ));
         Ok(Connector {
             stop: stop_sender,
-            tasks,
+            tunnels,
+            report_stop,
+            reporter,
+            trust,
             live,
             removed,
         })
@@ -265,15 +273,19 @@ impl Connector {
     /// this connection point, and the ones in flight are answered first (for at most 30 s).
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
-        for task in self.tasks {
-            let _ = task.await;
+        for tunnel in self.tunnels {
+            let _ = tunnel.await;
         }
+        let _ = self.report_stop.send(true);
+        let _ = self.reporter.await;
+        let _ = self.trust.await;
     }
 
     /// Stops at once, as a crash or `kill -9` would: the tunnels close without a word to the
     /// gateways, and the requests in flight on them are lost (the gateways answer them `502`).
+    /// Traffic counted since the last report is lost, too.
     pub fn abort(self) {
-        for task in self.tasks {
+        for task in self.tunnels.iter().chain([&self.reporter, &self.trust]) {
             task.abort();
         }
     }

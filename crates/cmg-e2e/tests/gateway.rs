@@ -390,7 +390,20 @@ async fn with_two_connection_points_stopping_one_loses_no_request_at_all() {
         "{closed:?}"
     );
     assert!(!gateway.contains("close_notify"), "{gateway}");
+    // Each connection point reports its traffic last after its tunnels closed: the requests
+    // answered while they drained are counted too.
     cmg.shutdown().await;
+    let (traffic, _) = site
+        .admin()
+        .await
+        .cmg_traffic("GraniteFalls")
+        .await
+        .unwrap();
+    let reported = traffic
+        .iter()
+        .find(|t| t.endpoint == "/SMS_MP/.sms_pol")
+        .map_or(0, |t| t.requests);
+    assert_eq!(reported, statuses.len() as i64, "{traffic:?}");
     site.shutdown().await;
 }
 
