@@ -73,6 +73,15 @@ pub const MAX_TUNNELS_PER_INSTANCE: usize = 16;
 
 /// Traffic is reported every 5 minutes (DESIGN §2).
 pub const REPORT_INTERVAL: Duration = Duration::from_secs(300);
+/// How long a stopping connection point waits for the answers still in flight on its tunnels:
+/// as long as a gateway waits for one.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Resolves once the connection point is stopping (at once if it already is).
+async fn stopping(stop: &mut watch::Receiver<bool>) {
+    // An error means the sender is gone, which only happens once everything stops.
+    let _ = stop.wait_for(|s| *s).await;
+}
 
 impl ConnectorOptions {
     pub fn new(cmg: &str, targets: Vec<TunnelTarget>, gateway_roots: Vec<String>) -> Self {
@@ -270,7 +279,8 @@ impl Connector {
     }
 
     /// Stops dialling and closes every tunnel gracefully: the gateways send no new request to
-    /// this connection point, and the ones in flight are answered first (for at most 30 s).
+    /// this connection point, and the ones in flight are answered first (for at most
+    /// [`DRAIN_TIMEOUT`]).
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         for tunnel in self.tunnels {

@@ -125,7 +125,7 @@ impl Relay {
                 Duration::from_secs(tunnel::LONG_POLL_SECS),
                 state.wait_for(|s| s.version > after),
             ) => changed.map(|changed| changed.is_ok()),
-            _ = stopping.wait_for(|s| *s) => Ok(false),
+            () = crate::stopping(&mut stopping) => Ok(false),
         };
         match ready {
             Ok(true) => {

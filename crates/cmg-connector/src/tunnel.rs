@@ -16,17 +16,14 @@ use rustls::pki_types::ServerName;
 use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 
-use crate::TunnelTarget;
 use crate::relay::Relay;
+use crate::{DRAIN_TIMEOUT, TunnelTarget, stopping};
 
 /// Ping the gateway this often; a tunnel that does not answer within [`PING_TIMEOUT`] is closed.
 const PING_INTERVAL: Duration = Duration::from_secs(60);
 const PING_TIMEOUT: Duration = Duration::from_secs(20);
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
-/// How long a stopping tunnel waits for the answers still in flight: as long as the gateway
-/// waits for one.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How a tunnel that came up ended.
 enum Ended {
@@ -176,12 +173,6 @@ fn hung_up(error: &hyper::Error) -> bool {
         cause = e.source();
     }
     false
-}
-
-/// Resolves once the connection point is stopping (at once if it already is).
-async fn stopping(stop: &mut watch::Receiver<bool>) {
-    // An error means the sender is gone, which only happens once everything stops.
-    let _ = stop.wait_for(|s| *s).await;
 }
 
 /// ±25 % so that many connection points do not redial in step.

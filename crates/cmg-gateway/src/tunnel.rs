@@ -92,13 +92,14 @@ impl Tunnel {
         *head.uri_mut() = request.uri().clone();
         *head.headers_mut() = request.headers().clone();
         let end_of_stream = request.body().is_empty();
-        let (answer, mut stream) = sender
-            .send_request(head, end_of_stream)
-            .map_err(|e| match e.is_go_away() || e.is_io() {
+        let (answer, mut stream) = sender.send_request(head, end_of_stream).map_err(|e| {
+            if e.is_go_away() || e.is_io() {
                 // The connection ended or got a GOAWAY since `ready`: nothing went out.
-                true => self.closing(e),
-                false => Attempt::Failed(e),
-            })?;
+                self.closing(e)
+            } else {
+                Attempt::Failed(e)
+            }
+        })?;
         if !end_of_stream {
             // Queued whole: a body is at most `MAX_BODY_BYTES` and already in memory, and h2
             // sends it as the connection point's window allows.

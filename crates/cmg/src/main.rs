@@ -123,7 +123,8 @@ pub(crate) async fn shutdown_signal() {
 pub(crate) async fn stop_gracefully(what: &str, stop: impl Future<Output = ()>) {
     eprintln!(
         "Stopping {what}: the connection point's tunnels close once the requests on them are \
-         answered (at most 30 s); Ctrl-C now stops at once"
+         answered (at most {} s); Ctrl-C now stops at once",
+        cmg_connector::DRAIN_TIMEOUT.as_secs()
     );
     tokio::select! {
         () = stop => {}
