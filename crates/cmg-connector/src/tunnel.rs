@@ -99,8 +99,9 @@ async fn serve_once(
         .keep_alive_timeout(PING_TIMEOUT)
         .serve_connection(TokioIo::new(stream), service);
     tokio::pin!(connection);
+    // `drive`: the answers relay tasks finish together leave in one write.
     let ended = tokio::select! {
-        result = connection.as_mut() => Ended::Lost(match result {
+        result = cmg_tunnel::drive(connection.as_mut()) => Ended::Lost(match result {
             Ok(()) => "the gateway closed the tunnel".into(),
             Err(e) => format!("the tunnel closed: {}", cmg_log::error_chain(&e)),
         }),

@@ -389,9 +389,9 @@ async fn connection(
     ));
     let poll = tokio::spawn(poll_settings(Arc::clone(&shared), Arc::clone(&tunnel)));
     // A connection point that stops or is removed closes its tunnels gracefully: that is news,
-    // not a fault.
+    // not a fault. `drive`: the requests devices hand over together leave in one write.
     let (reason, fault) = tokio::select! {
-        ended = &mut conn => match ended {
+        ended = cmg_tunnel::drive(&mut conn) => match ended {
             Ok(()) => ("the connection point closed it".to_owned(), false),
             Err(e) => (error_chain(&e), true),
         },
