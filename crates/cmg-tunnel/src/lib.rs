@@ -111,12 +111,10 @@ impl Wake for Turn {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::{Arc, Mutex};
-    use std::task::Waker;
+    use std::sync::atomic::AtomicUsize;
 
     /// A stand-in for a connection: each poll "writes" everything handed over since the last
-    /// one, and it ends once `expected` items went out.
+    /// one, and it ends once all the items of [`writes_for`] went out.
     struct Queue {
         handed_over: AtomicUsize,
         waker: Mutex<Option<Waker>>,
