@@ -227,8 +227,12 @@ impl Relay {
                 "use a management point from the location request",
             );
         };
-        let (parts, body) = request.into_parts();
-        let body = match Limited::new(body, MAX_BODY).collect().await {
+        let (mut parts, body) = request.into_parts();
+        let credential = match credential_length(&parts.headers) {
+            Ok(length) => length,
+            Err(refused) => return refused,
+        };
+        let data = match Limited::new(body, credential + MAX_BODY).collect().await {
             Ok(collected) => collected.to_bytes(),
             Err(_) => {
                 return error(
@@ -238,6 +242,10 @@ impl Relay {
                     "send a smaller request",
                 );
             }
+        };
+        let body = match restore_credential(&mut parts.headers, data, credential) {
+            Ok(body) => body,
+            Err(refused) => return refused,
         };
         // The MP's own path: the endpoint and the device's query, built once per request.
         let path_and_query = match parts.uri.query() {
@@ -340,6 +348,55 @@ impl Relay {
     }
 }
 
+/// How many bytes at the front of a relayed request's data are the device's `Authorization`
+/// value ([`tunnel::CREDENTIAL_LENGTH`]); 0 when the gateway sent none.
+fn credential_length(headers: &header::HeaderMap) -> Result<usize, Reply> {
+    let Some(value) = headers.get(tunnel::CREDENTIAL_LENGTH) else {
+        return Ok(0);
+    };
+    match value.to_str().ok().and_then(|v| v.parse::<usize>().ok()) {
+        Some(length) if length <= tunnel::MAX_CREDENTIAL_BYTES => Ok(length),
+        _ => Err(bad_credential(format!(
+            "{} must be a number of bytes up to {}",
+            tunnel::CREDENTIAL_LENGTH,
+            tunnel::MAX_CREDENTIAL_BYTES
+        ))),
+    }
+}
+
+/// Takes the device's `Authorization` value off the front of `data` into `headers`, for the MP
+/// (which verifies the token again), and returns the body that follows it.
+fn restore_credential(
+    headers: &mut header::HeaderMap,
+    mut data: Bytes,
+    length: usize,
+) -> Result<Bytes, Reply> {
+    if length == 0 {
+        return Ok(data);
+    }
+    if data.len() < length {
+        return Err(bad_credential(format!(
+            "the request's data ended {} bytes into a {length}-byte credential",
+            data.len()
+        )));
+    }
+    let mut credential = header::HeaderValue::from_maybe_shared(data.split_to(length))
+        .map_err(|_| bad_credential("the credential is not a valid header value".into()))?;
+    credential.set_sensitive(true);
+    headers.insert(header::AUTHORIZATION, credential);
+    Ok(data)
+}
+
+/// A relayed request whose credential framing is broken: a gateway fault, never the device's.
+fn bad_credential(message: String) -> Reply {
+    error(
+        StatusCode::BAD_REQUEST,
+        "CMGConnector_Bad_Request",
+        message,
+        "update the gateway to the connection point's version",
+    )
+}
+
 /// The request for the MP: the device's method and body, the MP's own `path`, and only the
 /// [`FORWARDED`] headers (everything else the gateway sent is dropped).
 fn to_mp(
@@ -388,4 +445,61 @@ fn error(status: StatusCode, code: &str, message: impl Into<String>, action: &st
         status,
         Bytes::from(serde_json::to_vec(&body).unwrap_or_default()),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn framed(length: &str) -> header::HeaderMap {
+        let mut headers = header::HeaderMap::new();
+        headers.insert(
+            tunnel::CREDENTIAL_LENGTH,
+            header::HeaderValue::from_str(length).unwrap(),
+        );
+        headers
+    }
+
+    #[test]
+    fn the_credential_at_the_front_of_the_data_becomes_the_authorization_header_again() {
+        let mut headers = framed("8");
+        let length = credential_length(&headers).unwrap();
+        let body = restore_credential(
+            &mut headers,
+            Bytes::from_static(b"Bearer x{\"body\":1}"),
+            length,
+        )
+        .unwrap();
+        assert_eq!(&body[..], b"{\"body\":1}");
+        let token = headers.get(header::AUTHORIZATION).unwrap();
+        assert_eq!(token, "Bearer x");
+        assert!(
+            token.is_sensitive(),
+            "the token must stay out of debug output"
+        );
+    }
+
+    #[test]
+    fn without_a_credential_the_data_is_the_body() {
+        let mut headers = header::HeaderMap::new();
+        assert_eq!(credential_length(&headers).unwrap(), 0);
+        let body = restore_credential(&mut headers, Bytes::from_static(b"report"), 0).unwrap();
+        assert_eq!(&body[..], b"report");
+        assert!(headers.get(header::AUTHORIZATION).is_none());
+    }
+
+    #[test]
+    fn broken_credential_framing_is_refused() {
+        let too_long = (tunnel::MAX_CREDENTIAL_BYTES + 1).to_string();
+        for length in ["eight", "-1", too_long.as_str()] {
+            let refused = credential_length(&framed(length)).unwrap_err();
+            assert_eq!(refused.status(), StatusCode::BAD_REQUEST, "{length}");
+        }
+        let mut headers = header::HeaderMap::new();
+        let short = restore_credential(&mut headers, Bytes::from_static(b"Bearer"), 8);
+        assert_eq!(short.unwrap_err().status(), StatusCode::BAD_REQUEST);
+        let control = restore_credential(&mut headers, Bytes::from_static(b"Bearer\nx"), 8);
+        assert_eq!(control.unwrap_err().status(), StatusCode::BAD_REQUEST);
+        assert!(headers.get(header::AUTHORIZATION).is_none());
+    }
 }

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cmg_proto::mp::relay;
+use cmg_proto::tunnel::CREDENTIAL_LENGTH;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::{Bytes, Frame, Incoming};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -595,12 +596,13 @@ where
             .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/")),
     );
     let uri = hyper::Uri::from_parts(uri).map_err(RelayError::internal)?;
-    let headers = tunnel_headers(
+    let (mut headers, credential) = tunnel_headers(
         parts.headers,
         identity,
         thumbprint,
         shared.gateway_header.clone(),
     )?;
+    let body = with_credential(credential, body, &mut headers);
     let mut forwarded = Request::builder()
         .method(parts.method)
         .uri(uri)
@@ -611,17 +613,14 @@ where
 }
 
 /// A device's request headers as they go through the tunnel: hop-by-hop headers and anything
-/// `x-cmg-*` the device sent dropped, the identity the gateway verified added, and the token
-/// marked sensitive so that HPACK never indexes it. The tunnel's header table is shared by
-/// every device's requests: an indexed bearer token (a bulk token is not bound to a
-/// certificate) would let a device that sees the tunnel's frame sizes guess at other devices'
-/// tokens (RFC 7541 §7.1).
+/// `x-cmg-*` the device sent dropped, the identity the gateway verified added, and the
+/// `Authorization` value taken out, to travel in the request's data ([`with_credential`]).
 fn tunnel_headers(
     mut headers: HeaderMap,
     identity: &Identity,
     thumbprint: HeaderValue,
     gateway: HeaderValue,
-) -> Result<HeaderMap, RelayError> {
+) -> Result<(HeaderMap, Option<HeaderValue>), RelayError> {
     strip_hop_by_hop(&mut headers);
     let relayed: Vec<HeaderName> = headers
         .keys()
@@ -633,9 +632,7 @@ fn tunnel_headers(
     }
     headers.remove(header::HOST);
     headers.remove(header::CONTENT_LENGTH);
-    if let Some(token) = headers.get_mut(header::AUTHORIZATION) {
-        token.set_sensitive(true);
-    }
+    let credential = headers.remove(header::AUTHORIZATION);
     headers.insert(relay::IDENTITY, HeaderValue::from_static(identity.kind()));
     if let Identity::Pki { subject } = identity {
         headers.insert(
@@ -645,7 +642,22 @@ fn tunnel_headers(
     }
     headers.insert(relay::CLIENT_THUMBPRINT, thumbprint);
     headers.insert(relay::GATEWAY, gateway);
-    Ok(headers)
+    Ok((headers, credential))
+}
+
+/// The request's data on the tunnel: the device's `Authorization` value, if it sent one, then
+/// its body; [`CREDENTIAL_LENGTH`] tells the connection point where one ends (why not
+/// a header: see there).
+fn with_credential(credential: Option<HeaderValue>, body: Bytes, headers: &mut HeaderMap) -> Bytes {
+    let Some(credential) = credential else {
+        return body;
+    };
+    let credential = credential.as_bytes();
+    let mut data = Vec::with_capacity(credential.len() + body.len());
+    data.extend_from_slice(credential);
+    data.extend_from_slice(&body);
+    headers.insert(CREDENTIAL_LENGTH, HeaderValue::from(credential.len()));
+    Bytes::from(data)
 }
 
 /// The headers that belong to one connection (RFC 9110 §7.6.1), besides any that `Connection`
@@ -686,7 +698,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn through_the_tunnel_the_token_is_never_indexed_and_only_the_gateway_names_the_identity() {
+    fn through_the_tunnel_the_token_is_in_the_data_and_only_the_gateway_names_the_identity() {
         let mut device = HeaderMap::new();
         device.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer x"));
         device.insert(
@@ -698,22 +710,34 @@ mod tests {
         let identity = Identity::Pki {
             subject: "CN=pki-device-1".into(),
         };
-        let out = tunnel_headers(
+        let (mut out, credential) = tunnel_headers(
             device,
             &identity,
             HeaderValue::from_static("thumb"),
             HeaderValue::from_static("GraniteFalls/1"),
         )
         .unwrap();
-        let token = out.get(header::AUTHORIZATION).unwrap();
-        assert!(token.is_sensitive(), "HPACK must not index the token");
-        assert_eq!(token, "Bearer x");
+        assert!(
+            out.get(header::AUTHORIZATION).is_none(),
+            "HPACK must not code the token"
+        );
+        let data = with_credential(credential, Bytes::from_static(b"{\"body\":1}"), &mut out);
+        assert_eq!(&data[..], b"Bearer x{\"body\":1}");
+        assert_eq!(out.get(CREDENTIAL_LENGTH).unwrap(), "8");
         assert_eq!(out.get(relay::IDENTITY).unwrap(), "PKI");
         assert_eq!(out.get(relay::PKI_SUBJECT).unwrap(), "CN=pki-device-1");
         assert_eq!(out.get(relay::CLIENT_THUMBPRINT).unwrap(), "thumb");
         assert_eq!(out.get(relay::GATEWAY).unwrap(), "GraniteFalls/1");
         assert!(out.get("x-cmg-anything").is_none());
         assert!(out.get(header::HOST).is_none());
+    }
+
+    #[test]
+    fn without_a_credential_the_data_is_the_body_alone() {
+        let mut headers = HeaderMap::new();
+        let body = Bytes::from_static(b"inventory");
+        assert_eq!(with_credential(None, body.clone(), &mut headers), body);
+        assert!(headers.get(CREDENTIAL_LENGTH).is_none());
     }
 
     #[test]
