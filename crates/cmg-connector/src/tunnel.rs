@@ -4,15 +4,21 @@
 //! Stopping closes a tunnel gracefully: a GOAWAY tells the gateway to send no more requests on
 //! it (it sends them to another tunnel), the requests already on it are answered, and then the
 //! TLS session is closed with `close_notify`. So stopping one of several connection points
-//! loses no request, where killing one loses those in flight.
+//! loses no request, where killing one loses those in flight. A gateway that stops closes its
+//! tunnels the same way, and that is logged as news, not as a fault; a tunnel whose gateway
+//! side ends without `close_notify` (the process died, the network dropped it) is a fault.
 
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use cmg_log::ComponentLog;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 
@@ -29,7 +35,10 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 enum Ended {
     /// Closed on stop, after the answers in flight (or the drain time-out).
     Stopped,
-    /// Lost or closed by the gateway; dial again.
+    /// Closed by the gateway (GOAWAY, then TLS close_notify): it is stopping or restarting.
+    /// Dial again.
+    Closed,
+    /// Lost; dial again.
     Lost(String),
 }
 
@@ -47,6 +56,10 @@ pub(crate) async fn keep(
         let started = tokio::time::Instant::now();
         match serve_once(&target, &tls, &relay, &live, &log, stop.clone()).await {
             Ended::Stopped => return,
+            Ended::Closed => log.info(&format!(
+                "Gateway {} ({}) closed the tunnel: it is stopping or restarting; dialling it again",
+                target.addr, target.server_name
+            )),
             Ended::Lost(why) => log.warn(&format!(
                 "Tunnel to gateway {} ({}) is down: {why}",
                 target.addr, target.server_name
@@ -93,6 +106,7 @@ async fn serve_once(
         // task it spawns; a pointer moves for free.
         Box::pin(async move { Ok::<_, std::convert::Infallible>(relay.handle(request).await) })
     });
+    let (stream, closed_by_gateway) = NotesEnd::new(stream);
     let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(PING_INTERVAL))
@@ -101,10 +115,15 @@ async fn serve_once(
     tokio::pin!(connection);
     // `drive`: the answers relay tasks finish together leave in one write.
     let ended = tokio::select! {
-        result = cmg_tunnel::drive(connection.as_mut()) => Ended::Lost(match result {
-            Ok(()) => "the gateway closed the tunnel".into(),
-            Err(e) => format!("the tunnel closed: {}", cmg_log::error_chain(&e)),
-        }),
+        result = cmg_tunnel::drive(connection.as_mut()) => match result {
+            Ok(()) if closed_by_gateway.load(Ordering::Relaxed) => Ended::Closed,
+            Ok(()) => Ended::Lost(
+                "the gateway's end closed without TLS close_notify (its process ended, or the \
+                 network dropped the connection)"
+                    .into(),
+            ),
+            Err(e) => Ended::Lost(format!("the tunnel closed: {}", cmg_log::error_chain(&e))),
+        },
         _ = stopping(&mut stop) => {
             log.info(&format!(
                 "Closing the tunnel to gateway {} ({}): the connection point is stopping; \
@@ -176,8 +195,111 @@ fn hung_up(error: &hyper::Error) -> bool {
     false
 }
 
+/// A tunnel's TLS stream that notes whether the gateway ended it cleanly. hyper's HTTP/2 server
+/// reports a clean end for a TLS `close_notify` and for a bare TCP close alike; only the first
+/// is a gateway closing the tunnel on purpose. Below this, a TLS stream reads end of stream
+/// after `close_notify` and an `UnexpectedEof` error without it.
+struct NotesEnd<S> {
+    stream: S,
+    ended_cleanly: Arc<AtomicBool>,
+}
+
+impl<S> NotesEnd<S> {
+    fn new(stream: S) -> (Self, Arc<AtomicBool>) {
+        let ended_cleanly = Arc::new(AtomicBool::new(false));
+        let notes = NotesEnd {
+            stream,
+            ended_cleanly: Arc::clone(&ended_cleanly),
+        };
+        (notes, ended_cleanly)
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for NotesEnd<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let (room, filled) = (buf.remaining(), buf.filled().len());
+        let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if room > 0 && matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() == filled {
+            self.ended_cleanly.store(true, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for NotesEnd<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
 /// ±25 % so that many connection points do not redial in step.
 fn jitter(base: Duration) -> Duration {
     let random = (uuid::Uuid::new_v4().as_u128() % 1000) as f64 / 1000.0;
     base.mul_f64(0.75 + random * 0.5)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn an_end_of_stream_from_below_is_a_clean_end_and_an_error_is_not() {
+        let (near, mut far) = tokio::io::duplex(64);
+        let (mut stream, ended_cleanly) = NotesEnd::new(near);
+        far.write_all(b"frame").await.unwrap();
+        let mut buf = [0u8; 16];
+        assert_eq!(stream.read(&mut buf).await.unwrap(), 5);
+        assert!(!ended_cleanly.load(Ordering::Relaxed), "data is no end");
+        drop(far);
+        assert_eq!(stream.read(&mut buf).await.unwrap(), 0);
+        assert!(ended_cleanly.load(Ordering::Relaxed));
+
+        // What a TLS stream reads when the peer's TCP closes without close_notify.
+        let (mut stream, ended_cleanly) = NotesEnd::new(Truncated);
+        let error = stream.read(&mut buf).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::UnexpectedEof);
+        assert!(!ended_cleanly.load(Ordering::Relaxed));
+    }
+
+    /// A stream whose every read fails as a truncated TLS stream's does.
+    struct Truncated;
+
+    impl AsyncRead for Truncated {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()))
+        }
+    }
 }

@@ -408,6 +408,68 @@ async fn with_two_connection_points_stopping_one_loses_no_request_at_all() {
 }
 
 #[tokio::test]
+async fn a_gateway_that_stops_closes_its_tunnels_and_the_connection_point_sees_no_fault() {
+    let site = TestSite::start(cmg_store::testing::sqlite_store().await).await;
+    let mut cmg = site.cmg(2).await;
+    let stopped = cmg.gateways.remove(1);
+    let tunnel_addr = stopped.tunnel_addr();
+    stopped.shutdown().await;
+
+    // GOAWAY and close_notify tell the connection point the close was deliberate.
+    let ours = |log: &str| -> Vec<String> {
+        let addr = tunnel_addr.to_string();
+        log.lines()
+            .filter(|l| l.contains(&addr))
+            .map(str::to_owned)
+            .collect()
+    };
+    let expected = "closed the tunnel: it is stopping or restarting";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let closed = loop {
+        let closed: Vec<String> = ours(&connector_log(&site))
+            .into_iter()
+            .filter(|l| l.contains(expected))
+            .collect();
+        if closed.len() == cmg.connector_options.tunnels_per_instance {
+            break closed;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no '{expected}' for each tunnel:\n{}",
+            connector_log(&site)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        closed.iter().all(|l| l.contains("type=\"1\"")),
+        "{closed:?}"
+    );
+    let lost: Vec<String> = ours(&connector_log(&site))
+        .into_iter()
+        .filter(|l| l.contains("close_notify") || l.contains("the tunnel closed"))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "a deliberate close was taken for a lost tunnel: {lost:?}"
+    );
+    let gateway = cmg.gateway_log(2, "CMGHttpHandler.log");
+    assert!(
+        gateway.contains("disconnected: the gateway is shutting down"),
+        "{gateway}"
+    );
+
+    // The other instance relays as before.
+    let admin = site.admin().await;
+    let bulk = admin.new_bulk_token(Default::default()).await.unwrap();
+    let device = cmg.device(0, "stays-1");
+    let (_, token) = device.register_ok(Some(bulk.token.expose())).await;
+    let (status, _) = device.policy(Some(&token)).await;
+    assert_eq!(status, StatusCode::OK);
+    cmg.shutdown().await;
+    site.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_blocked_device_is_refused_by_every_instance_within_five_seconds() {
     let site = TestSite::start(cmg_store::testing::sqlite_store().await).await;
     let cmg = site.cmg(2).await;

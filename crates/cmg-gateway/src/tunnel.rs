@@ -27,6 +27,8 @@ use crate::limits::AcceptFailures;
 
 /// How long a connection point may take for its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a stopping gateway waits for a tunnel's GOAWAY and close_notify to go out.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// HTTP/2 PING interval on an idle tunnel, and how long to wait for the answer before the
 /// tunnel counts as dead.
 const PING_INTERVAL: Duration = Duration::from_secs(20);
@@ -390,17 +392,25 @@ async fn connection(
     let poll = tokio::spawn(poll_settings(Arc::clone(&shared), Arc::clone(&tunnel)));
     // A connection point that stops or is removed closes its tunnels gracefully: that is news,
     // not a fault. `drive`: the requests devices hand over together leave in one write.
-    let (reason, fault) = tokio::select! {
+    let (reason, fault, stopping) = tokio::select! {
         ended = cmg_tunnel::drive(&mut conn) => match ended {
-            Ok(()) => ("the connection point closed it".to_owned(), false),
-            Err(e) => (error_chain(&e), true),
+            Ok(()) => ("the connection point closed it".to_owned(), false, false),
+            Err(e) => (error_chain(&e), true, false),
         },
-        dead = keep_alive(pings) => (dead, true),
-        _ = stop.changed() => ("the gateway is shutting down".to_owned(), false),
+        dead = keep_alive(pings) => (dead, true, false),
+        _ = stop.changed() => ("the gateway is shutting down".to_owned(), false, true),
     };
     tunnel.up.store(false, Ordering::Relaxed);
     poll.abort();
     let count = shared.tunnels.remove(id);
+    if stopping {
+        // Devices are drained by now. Once the last handle on the connection is gone, h2 says
+        // GOAWAY and TLS close_notify, so the connection point sees a deliberate close, not a
+        // lost tunnel.
+        let _ = poll.await;
+        drop(tunnel);
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn).await;
+    }
     let line = format!(
         "Tunnel {id} from {remote} ({subject}) disconnected: {reason}; {count} tunnel(s) connected"
     );
