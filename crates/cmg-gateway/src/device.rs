@@ -647,7 +647,8 @@ fn tunnel_headers(
 
 /// The request's data on the tunnel: the device's `Authorization` value, if it sent one, then
 /// its body; [`CREDENTIAL_LENGTH`] tells the connection point where one ends (why not
-/// a header: see there).
+/// a header: see there). One buffer, so the body is copied once: it is at most
+/// [`MAX_BODY_BYTES`], and most requests (policy, location) have none.
 fn with_credential(credential: Option<HeaderValue>, body: Bytes, headers: &mut HeaderMap) -> Bytes {
     let Some(credential) = credential else {
         return body;
@@ -706,6 +707,8 @@ mod tests {
             HeaderValue::from_static("BulkRegistration"),
         );
         device.insert("x-cmg-anything", HeaderValue::from_static("forged"));
+        // A device cannot move the credential's end into its body.
+        device.insert(CREDENTIAL_LENGTH, HeaderValue::from_static("3"));
         device.insert(header::HOST, HeaderValue::from_static("cmg.contoso.com"));
         let identity = Identity::Pki {
             subject: "CN=pki-device-1".into(),
@@ -724,6 +727,7 @@ mod tests {
         let data = with_credential(credential, Bytes::from_static(b"{\"body\":1}"), &mut out);
         assert_eq!(&data[..], b"Bearer x{\"body\":1}");
         assert_eq!(out.get(CREDENTIAL_LENGTH).unwrap(), "8");
+        assert_eq!(out.get_all(CREDENTIAL_LENGTH).iter().count(), 1);
         assert_eq!(out.get(relay::IDENTITY).unwrap(), "PKI");
         assert_eq!(out.get(relay::PKI_SUBJECT).unwrap(), "CN=pki-device-1");
         assert_eq!(out.get(relay::CLIENT_THUMBPRINT).unwrap(), "thumb");
@@ -733,10 +737,24 @@ mod tests {
     }
 
     #[test]
-    fn without_a_credential_the_data_is_the_body_alone() {
-        let mut headers = HeaderMap::new();
+    fn without_a_credential_the_data_is_the_body_and_a_forged_length_is_dropped() {
+        let mut device = HeaderMap::new();
+        device.insert(CREDENTIAL_LENGTH, HeaderValue::from_static("3"));
+        let (mut headers, credential) = tunnel_headers(
+            device,
+            &Identity::Pki {
+                subject: "CN=pki-device-1".into(),
+            },
+            HeaderValue::from_static("thumb"),
+            HeaderValue::from_static("GraniteFalls/1"),
+        )
+        .unwrap();
+        assert!(credential.is_none());
         let body = Bytes::from_static(b"inventory");
-        assert_eq!(with_credential(None, body.clone(), &mut headers), body);
+        assert_eq!(
+            with_credential(credential, body.clone(), &mut headers),
+            body
+        );
         assert!(headers.get(CREDENTIAL_LENGTH).is_none());
     }
 

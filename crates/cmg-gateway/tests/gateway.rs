@@ -851,6 +851,7 @@ async fn pki_devices_need_no_token_and_revoked_or_untrusted_ones_do_not_get_in()
             cmg_pki::thumbprint_sha256(&good.der).as_str()
         );
         assert_eq!(s.credential, None);
+        assert!(!s.headers.contains_key("authorization"));
     }
     // A token sent as well is forwarded for the MP, but the identity is the certificate's.
     let r = client
@@ -864,6 +865,7 @@ async fn pki_devices_need_no_token_and_revoked_or_untrusted_ones_do_not_get_in()
     let s = &connector.seen()[2];
     assert_eq!(s.headers[relay::IDENTITY], "PKI");
     assert_eq!(s.credential.as_deref(), Some("Bearer not.a.token"));
+    assert!(!s.headers.contains_key("authorization"));
     assert_eq!(s.headers.get_all(relay::PKI_SUBJECT).iter().count(), 1);
     assert!(
         s.headers[relay::PKI_SUBJECT]
