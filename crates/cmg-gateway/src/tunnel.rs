@@ -105,9 +105,9 @@ impl Tunnel {
         if !end_of_stream {
             // Queued whole: a body is at most `MAX_BODY_BYTES` and already in memory, and h2
             // sends it as the connection point's window allows.
-            stream
-                .send_data(request.body().clone(), true)
-                .map_err(Attempt::Failed)?;
+            for (frame, last) in data_frames(request.body()) {
+                stream.send_data(frame, last).map_err(Attempt::Failed)?;
+            }
         }
         let response = answer.await.map_err(|e| {
             if e.is_remote() && (e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM)) {
@@ -125,6 +125,29 @@ impl Tunnel {
         self.up.store(false, Ordering::Relaxed);
         Attempt::Refused(e)
     }
+}
+
+/// h2 copies a DATA frame shorter than this into the connection's write buffer; a longer one
+/// it writes from its own buffer, and flushes the connection before it takes the next frame.
+const COPIED_DATA_FRAME: usize = 255;
+/// Data up to this size goes in frames h2 copies (see [`data_frames`]).
+const SMALL_DATA: usize = 4 * 1024;
+
+/// The frames a request's data goes out in. Most requests carry only the device's credential
+/// (nearly 900 bytes): in one frame, each would end a write of the tunnel, where in frames
+/// that h2 copies, the requests many devices hand over together leave in one write (the
+/// tunnel's `drive`). Larger data goes as one frame, not copied.
+fn data_frames(data: &Bytes) -> impl Iterator<Item = (Bytes, bool)> + '_ {
+    let frame = if data.len() <= SMALL_DATA {
+        COPIED_DATA_FRAME
+    } else {
+        data.len()
+    };
+    let count = data.len().div_ceil(frame);
+    (0..count).map(move |i| {
+        let end = ((i + 1) * frame).min(data.len());
+        (data.slice(i * frame..end), i + 1 == count)
+    })
 }
 
 /// A request counted in its tunnel's [`Tunnel::waiting`] from `begin` until dropped.
@@ -593,6 +616,129 @@ mod tests {
             up: AtomicBool::new(true),
             waiting: AtomicUsize::new(0),
         }
+    }
+
+    /// The gateway's end of a tunnel as h2 sees a TLS stream: vectored writes, each counted.
+    struct CountedWrites {
+        io: tokio::io::DuplexStream,
+        writes: Arc<AtomicUsize>,
+    }
+
+    impl tokio::io::AsyncRead for CountedWrites {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.io).poll_read(cx, buf)
+        }
+    }
+
+    impl tokio::io::AsyncWrite for CountedWrites {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.poll_write_vectored(cx, &[std::io::IoSlice::new(buf)])
+        }
+
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            bufs: &[std::io::IoSlice<'_>],
+        ) -> Poll<std::io::Result<usize>> {
+            let written = ready!(Pin::new(&mut self.io).poll_write_vectored(cx, bufs))?;
+            self.writes.fetch_add(1, Ordering::Relaxed);
+            Poll::Ready(Ok(written))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.io).poll_flush(cx)
+        }
+
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.io).poll_shutdown(cx)
+        }
+    }
+
+    #[test]
+    fn small_data_goes_in_frames_h2_copies_and_large_data_in_one() {
+        let credential = Bytes::from(vec![b'a'; 881]);
+        let frames: Vec<(Bytes, bool)> = data_frames(&credential).collect();
+        assert!(frames.iter().all(|(f, _)| f.len() <= COPIED_DATA_FRAME));
+        let joined: Vec<u8> = frames.iter().flat_map(|(f, _)| f.to_vec()).collect();
+        assert_eq!(joined, credential);
+        let ends: Vec<bool> = frames.iter().map(|(_, last)| *last).collect();
+        assert_eq!(ends, [false, false, false, true]);
+
+        let report = Bytes::from(vec![b'r'; SMALL_DATA + 1]);
+        let frames: Vec<(Bytes, bool)> = data_frames(&report).collect();
+        assert_eq!(frames, [(report, true)]);
+    }
+
+    /// 32 devices hand over a request each, with a credential in its data, while the tunnel's
+    /// connection waits for its turn: they leave in a few writes. With each credential in one
+    /// frame, h2 would write every request on its own.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn requests_with_credentials_handed_over_together_leave_in_a_few_writes() {
+        let (client_io, server_io) = tokio::io::duplex(1024 * 1024);
+        let writes = Arc::new(AtomicUsize::new(0));
+        let io = CountedWrites {
+            io: client_io,
+            writes: Arc::clone(&writes),
+        };
+        let server = tokio::spawn(h2::server::handshake(server_io));
+        let (sender, mut conn) = h2::client::handshake(io).await.unwrap();
+        let mut server = server.await.unwrap().unwrap();
+        let received = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&received);
+        tokio::spawn(async move {
+            while let Some(Ok((request, mut respond))) = server.accept().await {
+                let counter = Arc::clone(&counter);
+                tokio::spawn(async move {
+                    let mut body = request.into_body();
+                    while let Some(Ok(chunk)) = body.data().await {
+                        let _ = body.flow_control().release_capacity(chunk.len());
+                    }
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    let _ = respond.send_response(Response::new(()), true);
+                });
+            }
+        });
+        let tunnel = Arc::new(up(1, sender));
+        tokio::spawn(async move { cmg_tunnel::drive(&mut conn).await });
+        // Settle the handshake's own frames before counting.
+        let settled = tunnel.send(&get()).await;
+        assert!(settled.is_ok());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        writes.store(0, Ordering::Relaxed);
+
+        let mut sent = Vec::new();
+        for _ in 0..32 {
+            let tunnel = Arc::clone(&tunnel);
+            let mut request = get();
+            *request.body_mut() = Bytes::from(vec![b'a'; 881]);
+            sent.push(tokio::spawn(
+                async move { tunnel.send(&request).await.is_ok() },
+            ));
+        }
+        for task in sent {
+            assert!(task.await.unwrap());
+        }
+        assert_eq!(received.load(Ordering::Relaxed), 33);
+        let requests_written = writes.load(Ordering::Relaxed);
+        assert!(
+            requests_written <= 8,
+            "{requests_written} writes for 32 requests"
+        );
     }
 
     fn get() -> Request<Bytes> {

@@ -29,7 +29,7 @@ pub const LONG_POLL_SECS: u64 = 25;
 /// Why not a header on the tunnel: HPACK would have to Huffman-code the token (nearly 900 bytes)
 /// on every request at the gateway and decode it at the connection point, never indexed since
 /// the tunnel's header table is shared by every device (RFC 7541 §7.1). Moving it to the data
-/// took 15 % off the instructions the gateway + tunnel hop adds per request (callgrind, see
+/// took 8 % off the instructions the gateway + tunnel hop adds per request (callgrind, see
 /// docs/gateway.md). In the data it is only copied, and TLS protects it as it did the header.
 pub const CREDENTIAL_LENGTH: &str = "x-cmg-credential-length";
 /// The largest credential a connection point takes from a tunnel: the gateway's limit on a
