@@ -407,45 +407,60 @@ async fn with_two_connection_points_stopping_one_loses_no_request_at_all() {
     site.shutdown().await;
 }
 
-#[tokio::test]
-async fn a_gateway_that_stops_closes_its_tunnels_and_the_connection_point_sees_no_fault() {
-    let site = TestSite::start(cmg_store::testing::sqlite_store().await).await;
-    let mut cmg = site.cmg(2).await;
-    let stopped = cmg.gateways.remove(1);
-    let tunnel_addr = stopped.tunnel_addr();
-    stopped.shutdown().await;
-
-    // GOAWAY and close_notify tell the connection point the close was deliberate.
-    let ours = |log: &str| -> Vec<String> {
-        let addr = tunnel_addr.to_string();
-        log.lines()
-            .filter(|l| l.contains(&addr))
-            .map(str::to_owned)
-            .collect()
-    };
-    let expected = "closed the tunnel: it is stopping or restarting";
+/// The connection point's log lines about the gateway whose tunnel port is `addr` that contain
+/// `text`, once there is one per tunnel (10 s at most).
+async fn tunnel_lines(
+    site: &TestSite,
+    cmg: &TestCmg,
+    addr: std::net::SocketAddr,
+    text: &str,
+) -> Vec<String> {
+    let addr = addr.to_string();
     let deadline = Instant::now() + Duration::from_secs(10);
-    let closed = loop {
-        let closed: Vec<String> = ours(&connector_log(&site))
-            .into_iter()
-            .filter(|l| l.contains(expected))
+    loop {
+        let log = connector_log(site);
+        let lines: Vec<String> = log
+            .lines()
+            .filter(|l| l.contains(&addr) && l.contains(text))
+            .map(str::to_owned)
             .collect();
-        if closed.len() == cmg.connector_options.tunnels_per_instance {
-            break closed;
+        if lines.len() >= cmg.connector_options.tunnels_per_instance {
+            return lines;
         }
         assert!(
             Instant::now() < deadline,
-            "no '{expected}' for each tunnel:\n{}",
-            connector_log(&site)
+            "no '{text}' for each tunnel to {addr}:\n{log}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    }
+}
+
+#[tokio::test]
+async fn a_gateway_that_stops_closes_its_tunnels_cleanly_and_one_that_dies_is_a_fault() {
+    let site = TestSite::start(cmg_store::testing::sqlite_store().await).await;
+    let mut cmg = site.cmg(3).await;
+
+    // A gateway that dies cuts its tunnels without close_notify: a fault.
+    let killed = cmg.gateways.remove(2);
+    let killed_addr = killed.tunnel_addr();
+    killed.abort();
+    let lost = tunnel_lines(&site, &cmg, killed_addr, "closed without TLS close_notify").await;
+    assert!(lost.iter().all(|l| l.contains("type=\"2\"")), "{lost:?}");
+
+    // GOAWAY and close_notify tell the connection point the close was deliberate.
+    let stopped = cmg.gateways.remove(1);
+    let tunnel_addr = stopped.tunnel_addr();
+    stopped.shutdown().await;
+    let expected = "closed the tunnel: it is stopping or restarting";
+    let closed = tunnel_lines(&site, &cmg, tunnel_addr, expected).await;
     assert!(
         closed.iter().all(|l| l.contains("type=\"1\"")),
         "{closed:?}"
     );
-    let lost: Vec<String> = ours(&connector_log(&site))
-        .into_iter()
+    let log = connector_log(&site);
+    let lost: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(&tunnel_addr.to_string()))
         .filter(|l| l.contains("close_notify") || l.contains("the tunnel closed"))
         .collect();
     assert!(

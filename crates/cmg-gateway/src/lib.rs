@@ -382,6 +382,17 @@ impl Gateway {
         self.shared.active().map(|a| a.settings.clone())
     }
 
+    /// Stops at once, as a crash or `kill -9` would: device connections and tunnels are cut
+    /// without a word (no GOAWAY, no TLS `close_notify`).
+    pub fn abort(self) {
+        for task in [&self.device_task, &self.tunnel_task]
+            .into_iter()
+            .chain(&self.background)
+        {
+            task.abort();
+        }
+    }
+
     /// Stops accepting devices, lets requests in flight finish (up to [`REQUEST_TIMEOUT`]),
     /// then closes the tunnels and returns.
     pub async fn shutdown(self) {
